@@ -1,0 +1,366 @@
+"""Turn parsing, validation, normalisation and de-duplication of pair tables.
+
+Every change is counted in a ``CleaningReport``; nothing is dropped without a count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from arena_pipeline.data.schema import (
+    GROUP_COLUMN,
+    ID_COLUMN,
+    LABEL_COLUMNS,
+    MODEL_COLUMNS,
+    SOURCE_COLUMN,
+    TEXT_COLUMNS,
+    DataError,
+)
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+LONG_TEXT_CHARS = 100_000
+
+# Keys always present in a report (zeros included), so the metadata has a stable shape.
+REMOVED_KEYS = ("duplicate", "conflicting_duplicate_merged")
+FIXED_KEYS = ("lone_surrogate", "null_turn", "non_list_cell", "nested_turn", "empty_turn_list", "turns_padded")
+FLAGGED_KEYS = ("empty_prompt", "empty_response", "text_over_100k_chars")
+
+
+def _fix_surrogates(text: str) -> tuple[str, bool]:
+    """Replace unpaired surrogates with U+FFFD (a correctly ordered pair is joined into its character)."""
+    if _SURROGATE.search(text) is None:
+        return text, False
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace"), True
+
+
+def _is_missing(value: object) -> bool:
+    if value is None or value is pd.NA:
+        return True
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _item_text(item: object, flags: set[str]) -> str:
+    if isinstance(item, str):
+        return item
+    if _is_missing(item):
+        flags.add("null_turn")
+        return ""
+    if isinstance(item, np.ndarray):
+        item = item.tolist()
+    if isinstance(item, np.generic):
+        item = item.item()
+    if isinstance(item, (list, tuple, dict)):
+        flags.add("nested_turn")
+        return json.dumps(item, ensure_ascii=False, default=str)
+    if isinstance(item, (bool, int, float)):
+        return json.dumps(item)
+    return str(item)
+
+
+def _parse(cell: object) -> tuple[list[str], set[str]]:
+    """``parse_turns`` plus the set of fixes it applied (keys of ``FIXED_KEYS``)."""
+    flags: set[str] = set()
+    if isinstance(cell, bytes):
+        cell = cell.decode("utf-8", "replace")
+    if isinstance(cell, (list, tuple, np.ndarray)):
+        items = list(cell)
+    elif _is_missing(cell):
+        return [""], {"non_list_cell"}
+    elif isinstance(cell, str):
+        try:
+            value = json.loads(cell)
+        except ValueError:  # plain text (JSONDecodeError is a ValueError)
+            value = cell
+            flags.add("non_list_cell")
+        else:
+            if not isinstance(value, list):
+                flags.add("non_list_cell")
+                if value is None:
+                    return [""], flags
+                # A JSON string is decoded; a number / bool / object keeps its text as written.
+                value = value if isinstance(value, str) else cell
+        if isinstance(value, list):
+            items = value
+        else:
+            text, fixed = _fix_surrogates(value)
+            if fixed:
+                flags.add("lone_surrogate")
+            return [text], flags
+    else:
+        flags.add("non_list_cell")
+        items = [cell]
+    if not items:
+        flags.add("empty_turn_list")
+        return [""], flags
+    turns = []
+    for item in items:
+        text, fixed = _fix_surrogates(_item_text(item, flags))
+        if fixed:
+            flags.add("lone_surrogate")
+        turns.append(text)
+    return turns, flags
+
+
+def parse_turns(cell: object) -> list[str]:
+    """The turns of one text cell, as a list of UTF-8-safe strings (at least one).
+
+    - a JSON list (or a Python list / numpy array) -> its items as ``str``; ``null`` items -> "";
+      nested lists / objects -> ``json.dumps(item)``; numbers / bools -> their JSON text;
+      an empty list -> ``[""]``;
+    - unpaired surrogates (a lone ``\\ud83d`` escape in the JSON text, or a ``str`` holding one) ->
+      U+FFFD, so every turn encodes as UTF-8;
+    - anything that is not a JSON list is one turn: plain text as is, a JSON string decoded, a JSON
+      number / object as written, JSON ``null`` / NaN / None -> ``[""]``.
+    """
+    return _parse(cell)[0]
+
+
+def _normalise_prompt_text(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def prompt_group(prompt_json: str) -> str:
+    """Fold group key: the first turn of the prompt, lowercased, whitespace collapsed, stripped."""
+    return _normalise_prompt_text(parse_turns(prompt_json)[0])
+
+
+@dataclass
+class CleaningReport:
+    """What ``clean_frame`` did. ``rows_in - rows_out == sum(removed.values())``.
+
+    ``removed``: rows dropped, by reason. ``fixed``: rows changed, by kind of repair (a row counts
+    once per kind). ``flagged``: rows kept unchanged but worth knowing about (empty responses,
+    texts over 100k characters).
+    """
+
+    rows_in: int
+    rows_out: int
+    removed: dict[str, int]
+    fixed: dict[str, int]
+    flagged: dict[str, int] = field(default_factory=dict)
+
+    def to_metadata(self) -> dict:
+        """Flat, JSON-friendly: ``rows_in``, ``rows_out``, ``removed_total``, ``removed_<k>``,
+        ``fixed_<k>``, ``flagged_<k>`` (all ints)."""
+        meta: dict[str, int] = {
+            "rows_in": int(self.rows_in),
+            "rows_out": int(self.rows_out),
+            "removed_total": int(sum(self.removed.values())),
+        }
+        for prefix, counts in (("removed", self.removed), ("fixed", self.fixed), ("flagged", self.flagged)):
+            for key, value in counts.items():
+                meta[f"{prefix}_{key}"] = int(value)
+        return meta
+
+
+def _file_stem(file: str) -> str:
+    name = Path(str(file).rstrip("/")).name
+    return name.split(".")[0] or name
+
+
+def _check_columns(df: pd.DataFrame, file: str, labelled: bool) -> None:
+    required = [ID_COLUMN, *TEXT_COLUMNS, *(LABEL_COLUMNS if labelled else ())]
+    for col in required:
+        if col not in df.columns:
+            kind = "labelled" if labelled else "unlabelled"
+            raise DataError(
+                file,
+                f"required column is missing ({kind} tables need {', '.join(required)}; "
+                f"found {', '.join(map(str, df.columns))})",
+                column=col,
+                hint="Rename or add the column",
+            )
+
+
+def _check_ids(df: pd.DataFrame, file: str) -> pd.Series:
+    ids = df[ID_COLUMN]
+    missing = ids.isna().to_numpy()
+    if missing.any():
+        i = int(np.flatnonzero(missing)[0])
+        raise DataError(file, f"the id is missing (row number {i}; {int(missing.sum())} rows without id)",
+                        column=ID_COLUMN, hint="Give every row a unique id")
+    values = [str(v) for v in ids.tolist()]
+    ids = pd.Series(values, index=df.index, dtype=object)
+    dup = ids.duplicated(keep="first").to_numpy()
+    if dup.any():
+        raise DataError(
+            file,
+            f"duplicate id ({int(dup.sum())} rows repeat an earlier id)",
+            row_id=ids[dup].iloc[0],
+            column=ID_COLUMN,
+            hint="Make ids unique (e.g. prefix them with the source name) or drop the repeated rows",
+        )
+    return ids
+
+
+def _check_labels(df: pd.DataFrame, file: str, ids: pd.Series) -> np.ndarray:
+    """Validated one-hot labels as an int8 array of shape (n, 3)."""
+    columns = []
+    for col in LABEL_COLUMNS:
+        raw = df[col]
+        values = pd.to_numeric(raw, errors="coerce")
+        values = values.to_numpy(dtype=np.float64, na_value=np.nan) if len(values) else np.zeros(0)
+        missing = raw.isna().to_numpy()
+        if missing.any():
+            i = int(np.flatnonzero(missing)[0])
+            raise DataError(file, f"the label is missing ({int(missing.sum())} such rows)", row_id=ids.iloc[i],
+                            column=col, hint="Fill the label with 0 or 1, or drop the row")
+        not_number = np.isnan(values)
+        if not_number.any():
+            i = int(np.flatnonzero(not_number)[0])
+            raise DataError(file, f"label value {raw.iloc[i]!r} is not a number", row_id=ids.iloc[i],
+                            column=col, hint="Labels must be 0 or 1")
+        bad = (values != 0) & (values != 1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(file, f"label value {values[i]:g} is not 0 or 1 ({int(bad.sum())} such rows)",
+                            row_id=ids.iloc[i], column=col,
+                            hint="Labels are one-hot: 1 for the winner column, 0 for the other two")
+        columns.append(values.astype(np.int8))
+    labels = np.stack(columns, axis=1) if columns else np.zeros((0, 3), np.int8)
+    winners = labels.sum(axis=1)
+    for bad in (winners == 0, winners > 1):
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            set_cols = [c for c, v in zip(LABEL_COLUMNS, labels[i]) if v == 1]
+            if set_cols:
+                problem, column = f"{len(set_cols)} winners: {' and '.join(set_cols)} are 1", ",".join(set_cols)
+            else:
+                problem, column = "no winner: all three label columns are 0", ",".join(LABEL_COLUMNS)
+            raise DataError(
+                file,
+                f"{problem} ({int(bad.sum())} such rows)",
+                row_id=ids.iloc[i],
+                column=column,
+                hint="Set exactly one of winner_model_a, winner_model_b, winner_tie to 1",
+            )
+    return labels
+
+
+def clean_frame(
+    df: pd.DataFrame, *, file: str, labelled: bool, source: str | None = None, dedupe: bool = True
+) -> tuple[pd.DataFrame, CleaningReport]:
+    """Validate and normalise one pair table (Contract 1 layout, without ``fold``).
+
+    Validation (a ``DataError`` naming file, row id and column): required columns (``id`` + the
+    text columns, + the label columns when ``labelled``), no missing or repeated id, labels in
+    {0, 1} (ints, Kaggle-style floats 0.0 / 1.0 or numeric strings) with exactly one winner per row.
+
+    Normalisation: the three text columns become ``json.dumps(list[str], ensure_ascii=False)`` with
+    the same number of turns (shorter ones padded with "" -> ``fixed["turns_padded"]``); null turns,
+    non-list cells, nested turns, empty lists and lone surrogates are repaired and counted in
+    ``fixed`` (see ``parse_turns``). Empty prompts / responses are kept and counted in ``flagged``;
+    very long texts pass through untouched (``flagged["text_over_100k_chars"]``). ``id`` is str,
+    labels int8, ``model_a`` / ``model_b`` "" when missing, ``source`` = the ``source`` argument if
+    given, else the existing column (gaps filled), else the file stem; ``group`` =
+    ``prompt_group(prompt)``. Extra columns are kept as they are, after the contract columns.
+
+    De-duplication on identical normalised (prompt, response_a, response_b):
+    - same label in every copy (or an unlabelled table) -> keep the first row,
+      ``removed["duplicate"]`` += copies - 1;
+    - labels disagree -> the copies collapse into the first row, which gets the majority label
+      (a tie when no label has a strict majority, e.g. one A and one B vote);
+      ``removed["conflicting_duplicate_merged"]`` += copies - 1. Its other columns are the first
+      copy's.
+    Row order is kept (first occurrences). ``rows_in - rows_out == sum(removed.values())``.
+    ``dedupe=False`` skips de-duplication (every row is kept: scoring a test file must answer every
+    id); the removed counts are then 0.
+    """
+    file = str(file)
+    rows_in = len(df)
+    _check_columns(df, file, labelled)
+    out = df.reset_index(drop=True)
+    ids = _check_ids(out, file)
+    labels = _check_labels(out, file, ids) if labelled else None
+
+    fixed = dict.fromkeys(FIXED_KEYS, 0)
+    flagged = dict.fromkeys(FLAGGED_KEYS, 0)
+    n = len(out)
+    texts = {col: [""] * n for col in TEXT_COLUMNS}
+    groups = [""] * n
+    columns = [out[col].tolist() for col in TEXT_COLUMNS]
+    for i in range(n):
+        parsed = [_parse(column[i]) for column in columns]
+        row_flags = set().union(*(flags for _, flags in parsed))
+        turn_lists = [turns for turns, _ in parsed]
+        n_turns = max(len(t) for t in turn_lists)
+        if any(len(t) != n_turns for t in turn_lists):
+            row_flags.add("turns_padded")
+            turn_lists = [t + [""] * (n_turns - len(t)) for t in turn_lists]
+        for key in row_flags:
+            fixed[key] += 1
+        prompt, resp_a, resp_b = turn_lists
+        if not any(t.strip() for t in prompt):
+            flagged["empty_prompt"] += 1
+        if not any(t.strip() for t in resp_a) or not any(t.strip() for t in resp_b):
+            flagged["empty_response"] += 1
+        if sum(len(t) for turns in turn_lists for t in turns) >= LONG_TEXT_CHARS:
+            flagged["text_over_100k_chars"] += 1
+        for col, turns in zip(TEXT_COLUMNS, turn_lists):
+            texts[col][i] = json.dumps(turns, ensure_ascii=False)
+        groups[i] = _normalise_prompt_text(prompt[0])
+
+    result = pd.DataFrame({ID_COLUMN: pd.Series(ids.tolist(), dtype="str")})
+    for col in TEXT_COLUMNS:
+        result[col] = pd.Series(texts[col], dtype="str")
+    if labels is not None:
+        for j, col in enumerate(LABEL_COLUMNS):
+            result[col] = labels[:, j]
+    for col in MODEL_COLUMNS:
+        if col in out.columns:
+            result[col] = pd.Series(["" if _is_missing(v) else str(v) for v in out[col].tolist()], dtype="str")
+        else:
+            result[col] = pd.Series([""] * n, dtype="str")
+    stem = _file_stem(file)
+    if source is not None:
+        result[SOURCE_COLUMN] = pd.Series([source] * n, dtype="str")
+    elif SOURCE_COLUMN in out.columns:
+        result[SOURCE_COLUMN] = pd.Series(
+            [stem if _is_missing(v) or str(v) == "" else str(v) for v in out[SOURCE_COLUMN].tolist()], dtype="str"
+        )
+    else:
+        result[SOURCE_COLUMN] = pd.Series([stem] * n, dtype="str")
+    result[GROUP_COLUMN] = pd.Series(groups, dtype="str")
+    for col in out.columns:
+        if col not in result.columns:
+            result[col] = out[col]
+
+    removed = dict.fromkeys(REMOVED_KEYS, 0)
+    key = list(TEXT_COLUMNS)
+    dup_any = result.duplicated(subset=key, keep=False).to_numpy() if dedupe else np.zeros(len(result), bool)
+    if dup_any.any():
+        group_no = result.groupby(key, sort=False).ngroup().to_numpy()
+        drop: list[int] = []
+        rows_by_group: dict[int, list[int]] = {}
+        for i in np.flatnonzero(dup_any):
+            rows_by_group.setdefault(int(group_no[i]), []).append(int(i))
+        label_cols = [result.columns.get_loc(c) for c in LABEL_COLUMNS] if labelled else []
+        for rows in rows_by_group.values():
+            first, rest = rows[0], rows[1:]
+            drop.extend(rest)
+            if not labelled:
+                removed["duplicate"] += len(rest)
+                continue
+            classes = labels[rows].argmax(axis=1)
+            if np.all(classes == classes[0]):
+                removed["duplicate"] += len(rest)
+                continue
+            counts = np.bincount(classes, minlength=3)
+            winner = int(np.argmax(counts)) if int((counts == counts.max()).sum()) == 1 else 2
+            result.iloc[first, label_cols] = np.eye(3, dtype=np.int8)[winner]
+            removed["conflicting_duplicate_merged"] += len(rest)
+        result = result.drop(index=drop).reset_index(drop=True)
+        if labelled:
+            for col in LABEL_COLUMNS:
+                result[col] = result[col].astype(np.int8)
+
+    report = CleaningReport(rows_in=rows_in, rows_out=len(result), removed=removed, fixed=fixed, flagged=flagged)
+    assert report.rows_in - report.rows_out == sum(removed.values())
+    return result, report
