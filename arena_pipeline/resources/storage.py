@@ -1,0 +1,103 @@
+"""Where each asset's files live under the state folder, and atomic writes.
+
+Assets write their own files (parquet, model folders, JSON) and return metadata; downstream assets find
+them through this resource by name, so a person can open every intermediate result from a shell.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+
+def atomic_write_parquet(frame: pd.DataFrame, path: Path) -> Path:
+    """Write aside, then rename: a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_write_json(obj, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def replace_dir(src: Path, dst: Path) -> Path:
+    """Move a finished folder into place, replacing an older one (old removed only after the new exists)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+    return dst
+
+
+def file_version(path: Path) -> str:
+    """Content hash (12 hex) used as the Dagster data version and the MLflow `data_version` tag."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+class ArenaStorage(dg.ConfigurableResource):
+    """Paths of every asset's files under one home folder (default: ``$DAGSTER_HOME/arena``)."""
+
+    home: str = ""
+
+    @property
+    def root(self) -> Path:
+        if self.home:
+            root = Path(self.home)
+        else:
+            from arena_pipeline.config import dagster_home
+
+            root = dagster_home() / "arena"
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
+    def data(self, name: str) -> Path:
+        """A table asset's parquet file, e.g. ``data('processed_folds')``."""
+        return self.root / "data" / f"{name}.parquet"
+
+    def job_dir(self, stage: str, model: str, fold: int) -> Path:
+        """Output folder of one training job (contract 2)."""
+        return self.root / stage / model / f"fold{fold}"
+
+    def pool_predictions(self, model: str, fold: int) -> Path:
+        return self.root / "pseudo" / "teachers" / model / f"fold{fold}.parquet"
+
+    def pseudo_labels(self, fold: int) -> Path:
+        return self.root / "pseudo" / f"pseudo_labels_fold{fold}.parquet"
+
+    def ensemble(self, name: str) -> Path:
+        return self.root / "ensembles" / f"{name}.json"
+
+    def scratch(self, name: str) -> Path:
+        path = self.root / "scratch" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.root / "bundle"
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Folder watched by the new-unlabelled-data sensor."""
+        path = self.root / "incoming"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
