@@ -1,0 +1,51 @@
+"""Cross-encoder: an encoder (MiniLM, DeBERTa-v3) reading the whole tagged pair, with a 3-class head.
+
+``AutoModelForSequenceClassification(num_labels=3)``; the head (``classifier``, plus DeBERTa's freshly
+initialised ``pooler``) may get its own learning rate. Attention dropout is set from the config (0 is
+markedly faster on CPU and costs nothing measurable on this task).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from gpu_jobs.models.loading import resolve_model
+
+HEAD_NAMES = ("classifier", "pooler", "score")
+LABELS = {0: "A", 1: "B", 2: "tie"}
+DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
+
+
+def _model_config(path: str, attention_dropout: float | None):
+    config = AutoConfig.from_pretrained(path, num_labels=3, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+    if attention_dropout is not None:
+        for key in DROPOUT_KEYS:
+            if hasattr(config, key):
+                setattr(config, key, attention_dropout)
+    return config
+
+
+def build(cfg, device=None):
+    """Pretrained encoder + fresh 3-class head, and its tokenizer (for training)."""
+    path = resolve_model(cfg.model_name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = _model_config(path, cfg.training.attention_dropout)
+    model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=torch.float32)
+    if cfg.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def save(model, tokenizer, model_dir: Path) -> None:
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+
+def load(model_dir: Path, cfg, device=None):
+    """The trained classifier from a model directory, in eval mode."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+    return model.eval(), tokenizer

@@ -1,0 +1,102 @@
+"""Decoder LLM classifier: a 3-class linear head on the last non-pad token, LoRA / QLoRA via peft.
+
+``AutoModelForSequenceClassification`` on a Llama / Gemma checkpoint is exactly that model once
+``config.pad_token_id`` is set (it pools the last non-pad token). LoRA adapters go on
+q,k,v,o,gate,up,down; the head (``score``) is trained fully through ``modules_to_save``. QLoRA loads the
+base in 4-bit NF4 with double quantisation and bf16 compute, then ``prepare_model_for_kbit_training``.
+The model directory holds the adapter + head (or the full weights when ``lora: null``) and the tokenizer;
+the base model is found again from ``model_name`` in the saved config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from gpu_jobs.models.loading import resolve_model
+
+HEAD_NAMES = ("score",)
+LABELS = {0: "A", 1: "B", 2: "tie"}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def load_tokenizer(path) -> AutoTokenizer:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _quantization_config(cfg):
+    from transformers import BitsAndBytesConfig
+
+    q = cfg.quantization
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+                              bnb_4bit_compute_dtype=DTYPES[q.compute_dtype])
+
+
+def _base_model(cfg, path: str, tokenizer, device=None):
+    quantised = cfg.quantization.load_in_4bit
+    # frozen base weights in bf16 when training in bf16 (half the memory); trainable weights are cast to fp32
+    dtype = torch.bfloat16 if (cfg.training.bf16 and cfg.lora is not None) or quantised else torch.float32
+    kwargs = dict(num_labels=3, id2label=LABELS, label2id={v: k for k, v in LABELS.items()}, dtype=dtype)
+    if cfg.training.attention_dropout is not None:
+        kwargs["attention_dropout"] = cfg.training.attention_dropout
+    if quantised:
+        kwargs["quantization_config"] = _quantization_config(cfg)
+        kwargs["device_map"] = {"": device if device is not None else "cpu"}
+    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False
+    return model
+
+
+def build(cfg, device=None):
+    """Base LLM + head, wrapped with LoRA (and 4-bit base for QLoRA); returns (model, tokenizer)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    path = resolve_model(cfg.model_name)
+    tokenizer = load_tokenizer(path)
+    model = _base_model(cfg, path, tokenizer, device)
+    checkpointing = cfg.training.gradient_checkpointing
+    if cfg.quantization.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora is not None:
+        lora = LoraConfig(task_type="SEQ_CLS", r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                          lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules),
+                          modules_to_save=list(HEAD_NAMES))
+        model = get_peft_model(model, lora)
+    for p in model.parameters():  # optimiser state and updates in fp32
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model, tokenizer
+
+
+def save(model, tokenizer, model_dir: Path) -> None:
+    model.save_pretrained(model_dir)  # peft: adapter + head only
+    tokenizer.save_pretrained(model_dir)
+
+
+def load(model_dir: Path, cfg, device=None):
+    """Base model from ``cfg.model_name`` + the saved adapter and head, in eval mode (LoRA merged when the
+    base is not quantised, for speed)."""
+    model_dir = Path(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    if cfg.lora is None:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model.eval(), tokenizer
+    from peft import PeftModel
+
+    base = _base_model(cfg, resolve_model(cfg.model_name), tokenizer, device)
+    model = PeftModel.from_pretrained(base, model_dir)
+    if not cfg.quantization.load_in_4bit:
+        model = model.merge_and_unload()
+    return model.eval(), tokenizer

@@ -1,0 +1,215 @@
+"""Prediction with a trained model directory (contract 3).
+
+    accelerate launch -m gpu_jobs.predict --model-dir OUT/model --data rows.parquet --output preds.parquet [--tta]
+
+    from gpu_jobs.predict import predict_frame
+    probs, probs_tta = predict_frame("OUT/model", frame, tta=True)   # (n, 3) A, B, tie, in input order
+
+Rows are tokenised, sorted by length (longest first) and cut into batches padded to their own longest row;
+results come back in input order. TTA swaps A and B in the text, predicts, and permutes the output back
+with [1, 0, 2]. With several processes each one predicts every n-th batch of the sorted order (so the
+long batches are spread evenly), the main process gathers the pieces and writes every row exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from gpu_jobs import data as D
+from gpu_jobs.config import config_from_dict
+
+
+def family_module(family: str):
+    if family == "cross_encoder":
+        from gpu_jobs.models import cross_encoder as module
+    elif family == "llm_classifier":
+        from gpu_jobs.models import llm_classifier as module
+    else:
+        raise ValueError(f"no neural module for family {family!r}")
+    return module
+
+
+def load_model_config(model_dir: str | Path):
+    path = Path(model_dir) / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no config.yaml in the model directory; is {model_dir} a gpu_jobs.train output?")
+    with open(path) as fh:
+        return config_from_dict(yaml.safe_load(fh), str(path))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(model_dir: str | Path, device: torch.device | None = None):
+    """(cfg, model, tokenizer) from a model directory; tokenizer is None for the features family."""
+    cfg = load_model_config(model_dir)
+    if cfg.family == "features":
+        from gpu_jobs.models.features import FeaturesModel
+
+        return cfg, FeaturesModel.load(Path(model_dir)), None
+    device = device or default_device()
+    model, tokenizer = family_module(cfg.family).load(Path(model_dir), cfg, device=device)
+    if not getattr(model, "is_loaded_in_4bit", False):
+        model.to(device)
+    return cfg, model, tokenizer
+
+
+def _autocast(device: torch.device, bf16: bool):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@torch.inference_mode()
+def predict_ids(model, ids: list[list[int]], pad_token_id: int, batch_size: int, device: torch.device,
+                bf16: bool = False, accelerator=None, sort: bool = True, progress: bool = False) -> np.ndarray:
+    """Class probabilities (n, 3) for pre-tokenised rows, in input order, on every process."""
+    model.eval()
+    batches = D.sorted_batches([len(x) for x in ids], batch_size, sort=sort)
+    n_proc = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    mine = batches[rank::n_proc]  # strided: every process gets a share of the long batches
+    collate = D.Collator(pad_token_id)
+    pieces: list[tuple[np.ndarray, np.ndarray]] = []
+    show = progress and rank == 0
+    if show:
+        from tqdm.auto import tqdm
+
+        mine_iter = tqdm(mine, desc="predict", leave=False)
+    else:
+        mine_iter = mine
+    for rows in mine_iter:
+        batch = collate([{"input_ids": ids[i], "index": int(i)} for i in rows])
+        with _autocast(device, bf16):
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+        probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        pieces.append((np.asarray(rows), probs))
+    if n_proc > 1:
+        from accelerate.utils import gather_object
+
+        pieces = gather_object(pieces)
+    out = np.full((len(ids), 3), np.nan, dtype=np.float64)
+    seen = np.zeros(len(ids), dtype=np.int64)
+    for rows, probs in pieces:
+        out[rows] = probs
+        seen[rows] += 1
+    if not (seen == 1).all():
+        raise RuntimeError(f"prediction covered rows {int((seen == 0).sum())} times 0 and "
+                           f"{int((seen > 1).sum())} times >1; expected every row exactly once")
+    return out
+
+
+def predict_loaded(cfg, model, tokenizer, frame: pd.DataFrame, tta: bool = False, batch_size: int | None = None,
+                   max_length: int | None = None, device: torch.device | None = None, accelerator=None,
+                   progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Predict with a model already in memory (train.py calls this with the model it just trained)."""
+    if cfg.family == "features":
+        probs = model.predict_proba(frame)
+        probs_tta = model.predict_proba(D.swap_frame(frame))[:, D.SWAP_PERMUTATION] if tta else None
+        return np.asarray(probs, dtype=np.float64), (None if probs_tta is None else np.asarray(probs_tta, np.float64))
+    device = device or (accelerator.device if accelerator is not None else default_device())
+    batch_size = batch_size or cfg.inference.batch_size
+    max_length = max_length or cfg.inference.max_length
+    bf16 = cfg.training.bf16
+
+    def run(swap: bool) -> np.ndarray:
+        ids = D.encode_frame(frame, tokenizer, max_length, cfg.text.truncation_side, swap=swap,
+                             max_chars_per_part=cfg.text.max_chars_per_part)
+        return predict_ids(model, ids, tokenizer.pad_token_id, batch_size, device, bf16, accelerator,
+                           progress=progress)
+
+    probs = run(swap=False)
+    probs_tta = run(swap=True)[:, D.SWAP_PERMUTATION] if tta else None
+    return probs, probs_tta
+
+
+def predict_frame(model_dir: str | Path, frame: pd.DataFrame, tta: bool = False, batch_size: int | None = None,
+                  max_length: int | None = None, accelerator=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities (n, 3) for A, B, tie in input order, and the TTA (A/B swapped, permuted back) ones."""
+    device = accelerator.device if accelerator is not None else None
+    cfg, model, tokenizer = load_model(model_dir, device)
+    if cfg.family == "features" and accelerator is not None and accelerator.num_processes > 1:
+        # the features model is cheap: the main process predicts everything, the others return nothing
+        if not accelerator.is_main_process:
+            return np.zeros((0, 3)), None
+    return predict_loaded(cfg, model, tokenizer, frame, tta, batch_size, max_length, device, accelerator,
+                          progress=True)
+
+
+def prediction_frame(ids: pd.Series, probs: np.ndarray, folds: pd.Series | None = None) -> pd.DataFrame:
+    out = pd.DataFrame({"id": ids.astype(str).to_numpy()})
+    if folds is not None:
+        out["fold"] = folds.to_numpy().astype(np.int64)
+    for j, col in enumerate(D.PROB_COLUMNS):
+        out[col] = probs[:, j].astype(np.float64)
+    return out
+
+
+def write_parquet(frame: pd.DataFrame, path: str | Path) -> None:
+    """Atomic parquet write: aside, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def tta_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(f"{output.stem}_tta{output.suffix or '.parquet'}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gpu_jobs.predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", required=True, help="OUT/model of a gpu_jobs.train run")
+    p.add_argument("--data", required=True, help="parquet with id, prompt, response_a, response_b")
+    p.add_argument("--output", required=True, help="parquet to write: id, p_a, p_b, p_tie")
+    p.add_argument("--tta", action="store_true", help="also write <output stem>_tta.parquet (A/B swapped)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: inference.batch_size of the config")
+    p.add_argument("--max-length", type=int, default=None, help="default: inference.max_length of the config")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+
+    from gpu_jobs.pipes import open_pipes
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    with open_pipes() as pipes:
+        try:
+            frame = D.read_frame(args.data)
+            t0 = time.perf_counter()
+            probs, probs_tta = predict_frame(args.model_dir, frame, args.tta, args.batch_size, args.max_length,
+                                             accelerator=accelerator)
+            seconds = time.perf_counter() - t0
+            if accelerator.is_main_process:
+                write_parquet(prediction_frame(frame["id"], probs), args.output)
+                if probs_tta is not None:
+                    write_parquet(prediction_frame(frame["id"], probs_tta), tta_path(args.output))
+                rate = len(frame) * (2 if args.tta else 1) / max(seconds, 1e-9)
+                pipes.log.info(f"predicted {len(frame)} rows -> {args.output} ({rate:.1f} examples/s)")
+                pipes.report_asset_materialization(metadata={"n_rows": len(frame), "predict_examples_per_s": rate,
+                                                             "output": str(args.output)})
+        except Exception as exc:
+            pipes.log.error(f"gpu_jobs.predict failed: {type(exc).__name__}: {exc}")
+            raise
+    accelerator.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

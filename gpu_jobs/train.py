@@ -1,0 +1,313 @@
+"""Train one model on one fold, predict the held-out fold and extra files (contract 2).
+
+    accelerate launch -m gpu_jobs.train --config gpu_jobs/configs/cross_encoder_minilm.yaml --fold 0 \
+        --data train.parquet --output-dir OUT [--predict NAME=PATH ...] [--set training.lr=2e-4 ...]
+
+Everything is written to ``OUT.partial/`` and renamed to ``OUT/`` only when the job succeeds:
+``model/`` (weights or adapter + head + tokenizer + resolved config.yaml), ``oof.parquet``
+(+ ``oof_tta.parquet``), ``pred_<NAME>.parquet`` (+ ``_tta``), ``metrics.json``, ``history.jsonl``.
+
+The neural families share one loop: an ``accelerate.Accelerator`` does device placement, bf16 autocast
+(``mixed_precision``), gradient accumulation and process groups; the rest is plain PyTorch. The
+``features`` family is fitted and applied by the main process, no loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from gpu_jobs import data as D
+from gpu_jobs.config import load_config, save_config
+from gpu_jobs.pipes import clean_metadata, open_pipes
+from gpu_jobs.predict import family_module, predict_loaded, prediction_frame, write_parquet
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+# ------------------------------------------------------------------------------------------ arguments
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gpu_jobs.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="gpu_jobs/configs/<model>.yaml")
+    p.add_argument("--fold", type=int, required=True, help="rows with fold == K are validation")
+    p.add_argument("--data", required=True, help="training parquet (contract 2)")
+    p.add_argument("--output-dir", required=True, help="OUT; written as OUT.partial, renamed at the end")
+    p.add_argument("--predict", action="append", default=[], metavar="NAME=PATH",
+                   help="also predict this parquet into pred_NAME.parquet (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="config override, e.g. training.lr=2e-4 (YAML value; repeatable)")
+    return p.parse_args(argv)
+
+
+def parse_predict_specs(specs: list[str]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not NAME_RE.match(name):
+            raise ValueError(f"--predict {spec!r}: expected NAME=PATH with NAME made of letters, digits, _ . -")
+        if name in out:
+            raise ValueError(f"--predict {spec!r}: name {name!r} given twice")
+        if not Path(path).exists():
+            raise FileNotFoundError(f"--predict {spec!r}: file {path} not found")
+        out[name] = Path(path)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ pieces
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with probability targets (one-hot human labels or soft pseudo labels), weighted mean."""
+    per_row = -(targets * torch.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
+    return (per_row * weight).sum() / weight.sum().clamp_min(1e-12)
+
+
+def make_optimizer(model, cfg, head_names: tuple[str, ...]) -> torch.optim.Optimizer:
+    """AdamW with four groups: body/head (head_lr) x decay/no-decay (biases and norms are not decayed)."""
+    t = cfg.training
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        head = any(part in head_names for part in name.split("."))
+        decay = p.ndim >= 2 and "norm" not in name.lower()
+        groups.setdefault((head, decay), []).append(p)
+    param_groups = [{"params": ps, "lr": (t.head_lr or t.lr) if head else t.lr,
+                     "weight_decay": t.weight_decay if decay else 0.0}
+                    for (head, decay), ps in sorted(groups.items())]
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=t.lr)
+    import bitsandbytes as bnb  # 8-bit optimisers (the recipe's paged AdamW 8-bit) need a GPU
+
+    cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(param_groups, lr=t.lr)
+
+
+def log_losses(probs: np.ndarray, y: np.ndarray) -> dict[str, float | None]:
+    """Multiclass log loss, accuracy and the loss on the rows of each true class."""
+    p = np.clip(probs / probs.sum(axis=1, keepdims=True), 1e-15, 1.0)
+    nll = -np.log(p[np.arange(len(y)), y])
+    out: dict[str, float | None] = {"log_loss": float(nll.mean()), "accuracy": float((p.argmax(1) == y).mean())}
+    for c, name in enumerate(["a", "b", "tie"]):
+        out[f"loss_{name}"] = float(nll[y == c].mean()) if (y == c).any() else None
+    return out
+
+
+# ------------------------------------------------------------------------------------------ training
+def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accelerator, history_path: Path | None):
+    """The training loop. Returns (unwrapped model, tokenizer, stats)."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    t = cfg.training
+    module = family_module(cfg.family)
+    model, tokenizer = module.build(cfg, device=accelerator.device)
+
+    ids = D.encode_frame(train_df, tokenizer, t.max_length, cfg.text.truncation_side,
+                         max_chars_per_part=cfg.text.max_chars_per_part)
+    sampler_cls = D.LengthGroupedBatchSampler if t.group_by_length else D.RandomBatchSampler
+    sampler = sampler_cls([len(x) for x in ids], t.batch_size, seed=cfg.seed)
+    pad_multiple = 8 if accelerator.device.type == "cuda" else None
+    loader = DataLoader(D.PairsDataset(ids, y, w), batch_sampler=sampler,
+                        collate_fn=D.Collator(tokenizer.pad_token_id, pad_multiple))
+
+    # counted on the whole (unsharded) loader: accelerate steps a prepared scheduler once per process
+    total_steps = math.ceil(len(loader) / t.grad_accum) * t.epochs
+    optimizer = make_optimizer(model, cfg, module.HEAD_NAMES)
+    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    history = open(history_path, "w") if history_path is not None else None
+    progress = tqdm(total=math.ceil(len(loader) / t.grad_accum) * t.epochs, desc=f"train {cfg.name}",
+                    disable=not accelerator.is_local_main_process)
+    step, seen, micro_losses, step_losses = 0, 0, [], []
+    model.train()
+    t0 = time.perf_counter()
+    for epoch in range(t.epochs):
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            with accelerator.accumulate(model):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = soft_cross_entropy(logits, batch["targets"], batch["weight"])
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_losses.append(loss.detach().float())
+            seen += batch["input_ids"].shape[0]
+            if accelerator.sync_gradients:  # one optimiser step done
+                step += 1
+                step_loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+                micro_losses = []
+                step_losses.append(step_loss)
+                lr = scheduler.get_last_lr()[0]
+                if history is not None:
+                    history.write(json.dumps({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr}) + "\n")
+                    history.flush()
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+                # resumable checkpoints (training.checkpoint_every_steps) will hook in here
+    train_s = time.perf_counter() - t0
+    progress.close()
+    if history is not None:
+        history.close()
+    seen_all = int(accelerator.reduce(torch.tensor(seen, device=accelerator.device), reduction="sum").item())
+    stats = {
+        "train_examples_per_s": seen_all / max(train_s, 1e-9),
+        "train_s": train_s,
+        "n_steps": step,
+        "first_train_loss": step_losses[0] if step_losses else None,
+        # mean of the last 10 % of steps (at least 1): one step is too noisy to compare runs by
+        "final_train_loss": float(np.mean(step_losses[-max(1, len(step_losses) // 10):])) if step_losses else None,
+    }
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    return model, tokenizer, stats
+
+
+def fit_features(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray):
+    from gpu_jobs.models.features import FeaturesModel
+
+    t0 = time.perf_counter()
+    model = FeaturesModel(cfg).fit(train_df, y, sample_weight=w)
+    train_s = time.perf_counter() - t0
+    return model, {"train_examples_per_s": len(train_df) / max(train_s, 1e-9), "train_s": train_s, "n_steps": 0,
+                   "first_train_loss": None, "final_train_loss": None}
+
+
+# ------------------------------------------------------------------------------------------ the job
+def run(args: argparse.Namespace, cfg, accelerator, pipes) -> dict:
+    t_start = time.perf_counter()
+    main_proc = accelerator.is_main_process
+    out = Path(args.output_dir)
+    partial = out.with_name(out.name + ".partial")
+    predict_specs = parse_predict_specs(args.predict)
+    if main_proc:
+        shutil.rmtree(partial, ignore_errors=True)  # a stale one from a crashed run
+        (partial / "model").mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    frame = D.read_frame(args.data)
+    train_df, val_df = D.split_fold(frame, args.fold, str(args.data))
+    training = getattr(cfg, "training", None)  # the features config may have no training section
+    cap = getattr(training, "max_train_rows", None)
+    if cap and len(train_df) > cap:
+        train_df = train_df.sample(n=cap, random_state=cfg.seed).reset_index(drop=True)
+    if getattr(training, "swap_augment", False):
+        train_df = pd.concat([train_df, D.swap_frame(train_df)], ignore_index=True)
+    y, w = D.targets(train_df, str(args.data)), D.sample_weights(train_df, str(args.data))
+    y_val = D.labels(val_df, str(args.data))
+    extra = {name: D.read_frame(path) for name, path in predict_specs.items()}  # fail early on a bad file
+    pipes.log.info(f"{cfg.name} ({cfg.family}) fold {args.fold}: {len(train_df)} training rows, {len(val_df)} "
+                   f"validation rows, {len(extra)} extra prediction file(s), {accelerator.num_processes} process(es)")
+
+    if cfg.family == "features":
+        model, tokenizer, stats = None, None, {}
+        if main_proc:  # cheap: the main process fits it, the other ranks wait
+            model, stats = fit_features(cfg, train_df, y, w)
+            (partial / "history.jsonl").touch()
+    else:
+        model, tokenizer, stats = fit_neural(cfg, train_df, y, w, accelerator,
+                                             partial / "history.jsonl" if main_proc else None)
+
+    if main_proc:  # save the model before predicting: a crash in prediction should not lose it
+        if cfg.family == "features":
+            model.save(partial / "model")
+        else:
+            family_module(cfg.family).save(model, tokenizer, partial / "model")
+        save_config(cfg, partial / "model" / "config.yaml")
+
+    # ---- prediction: the validation fold and every --predict file, plus TTA twins
+    do_predict = cfg.family != "features" or main_proc
+    t_pred, n_pred = time.perf_counter(), 0
+    results: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    if do_predict:
+        for name, df in [("oof", val_df), *extra.items()]:
+            results[name] = predict_loaded(cfg, model, tokenizer, df, tta=cfg.tta, accelerator=accelerator,
+                                           progress=True)
+            n_pred += len(df) * (2 if cfg.tta else 1)
+    predict_s = time.perf_counter() - t_pred
+
+    metrics: dict = {}
+    if main_proc:
+        probs, probs_tta = results["oof"]
+        write_parquet(prediction_frame(val_df["id"], probs, val_df["fold"]), partial / "oof.parquet")
+        if probs_tta is not None:
+            write_parquet(prediction_frame(val_df["id"], probs_tta, val_df["fold"]), partial / "oof_tta.parquet")
+        for name, df in extra.items():
+            p, p_tta = results[name]
+            write_parquet(prediction_frame(df["id"], p), partial / f"pred_{name}.parquet")
+            if p_tta is not None:
+                write_parquet(prediction_frame(df["id"], p_tta), partial / f"pred_{name}_tta.parquet")
+        val = log_losses(probs, y_val)
+        metrics = {
+            "val_log_loss": val["log_loss"], "val_accuracy": val["accuracy"],
+            "val_loss_a": val["loss_a"], "val_loss_b": val["loss_b"], "val_loss_tie": val["loss_tie"],
+            "train_examples_per_s": stats["train_examples_per_s"],
+            "predict_examples_per_s": n_pred / max(predict_s, 1e-9),
+            "wall_s": time.perf_counter() - t_start,
+            "n_train": len(train_df), "n_val": len(val_df),
+            "final_train_loss": stats["final_train_loss"], "first_train_loss": stats["first_train_loss"],
+            "n_steps": stats["n_steps"], "fold": args.fold, "family": cfg.family, "name": cfg.name,
+            "num_processes": accelerator.num_processes,
+        }
+        if probs_tta is not None:
+            metrics["val_log_loss_tta"] = log_losses(probs_tta, y_val)["log_loss"]
+            metrics["val_log_loss_tta_mean"] = log_losses((probs + probs_tta) / 2, y_val)["log_loss"]
+        with open(partial / "metrics.json", "w") as fh:
+            json.dump(metrics, fh, indent=2)
+        _publish(partial, out)
+        pipes.log.info(f"{cfg.name} fold {args.fold}: val_log_loss {metrics['val_log_loss']:.4f}, "
+                       f"accuracy {metrics['val_accuracy']:.3f} -> {out}")
+        pipes.report_asset_materialization(metadata=clean_metadata({**metrics, "output_dir": str(out)}))
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _publish(partial: Path, out: Path) -> None:
+    """Rename OUT.partial to OUT; an older OUT is moved aside first and removed after."""
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(partial, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)  # every config error surfaces here, before any model loads
+    from accelerate import Accelerator
+
+    neural = cfg.family != "features"
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision="bf16" if neural and cfg.training.bf16 else "no",
+        gradient_accumulation_steps=cfg.training.grad_accum if neural else 1,
+    )
+    with open_pipes() as pipes:
+        try:
+            run(args, cfg, accelerator, pipes)
+        except Exception as exc:
+            pipes.log.error(f"gpu_jobs.train failed: {type(exc).__name__}: {exc}")
+            raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
