@@ -1,0 +1,51 @@
+"""predictor_bundle: the final ensemble packed with its models, plus a Kaggle submission when configured."""
+
+
+import json
+
+import dagster as dg
+import yaml
+
+from arena_pipeline.bundle import score_frame, submission_frame, write_bundle
+from arena_pipeline.config import Profile
+from arena_pipeline.data.clean import clean_frame
+from arena_pipeline.data.load import read_table
+from arena_pipeline.resources.storage import ArenaStorage, file_version
+
+
+def build_bundle_asset(profile: Profile) -> dg.AssetsDefinition:
+    class BundleConfig(dg.Config):
+        test_path: str = ""  # a Kaggle-format test.csv (id, prompt, response_a, response_b) to score
+
+    @dg.asset(group_name="ensembles", deps=["final_ensemble"], kinds={"folder"},
+              description="Self-contained predictor (models, weights, temperature, configs, data versions) that "
+                          "scores new files without Dagster; writes submission.csv for a configured test file.")
+    def predictor_bundle(context: dg.AssetExecutionContext, config: BundleConfig, storage: ArenaStorage):
+        spec = json.loads(storage.ensemble("final_ensemble").read_text())
+        used = {(m["stage"], m["model"]) for m in spec["members"] if spec["weights"].get(m["name"], 0) > 0}
+        model_dirs, configs, versions = {}, {}, {}
+        for stage, model in sorted(used):
+            for fold in profile.folds:
+                job_dir = storage.job_dir(stage, model, fold)
+                model_dirs[(stage, model, fold)] = job_dir / "model"
+                configs[f"{stage}/{model}"] = yaml.safe_load((job_dir / "model" / "config.yaml").read_text())
+                versions[f"{stage}/{model}/fold{fold}"] = json.loads((job_dir / "job.json").read_text())["data_version"]
+        versions["processed_folds"] = file_version(storage.data("processed_folds"))
+        bundle = write_bundle(storage.bundle_dir, spec, model_dirs,
+                              {"configs": configs, "data_versions": versions, "profile": profile.name})
+        metadata = {"path": dg.MetadataValue.path(str(bundle)), "members_used": dg.MetadataValue.json(sorted(
+            f"{s}/{m}" for s, m in used)), "final_log_loss_cv": spec["fitted_blend_log_loss_cv"],
+            "final_log_loss_in_sample": spec["fitted_blend_log_loss_in_sample"],
+            "best_member_log_loss": min(spec["member_log_loss"].values()),
+            "class_prior_log_loss": spec["class_prior_log_loss"]}
+        if config.test_path:
+            frame, report = clean_frame(read_table(config.test_path), file=config.test_path, labelled=False, dedupe=False)
+            probs = score_frame(bundle, frame)
+            out = bundle / "submission.csv"
+            submission_frame(frame["id"], probs).to_csv(out, index=False)
+            metadata.update({"submission": dg.MetadataValue.path(str(out)), "submission_rows": len(frame),
+                             "test_cleaning": dg.MetadataValue.json(report.to_metadata())})
+        context.log.info(f"bundle written to {bundle}")
+        return dg.MaterializeResult(metadata=metadata)
+
+    return predictor_bundle

@@ -1,0 +1,100 @@
+"""Generated completions and the unlabelled pool they join.
+
+`generated_completions` launches `gpu_jobs.generate` (vLLM in its own environment where it exists, the
+transformers backend otherwise); `unlabelled_pairs` pairs each new answer with the prompt's existing
+answer at a random, seeded A/B position and appends the shipped/incoming pool.
+"""
+
+
+import json
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from arena_pipeline.config import Profile
+from arena_pipeline.data.clean import clean_frame
+from arena_pipeline.resources.launcher import JobLauncher, vllm_available
+from arena_pipeline.resources.storage import ArenaStorage, atomic_write_parquet, file_version
+
+GROUP = "pseudo_labelling"
+
+
+def pair_completions(completions: pd.DataFrame, prompts: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """One unlabelled pair per completion: generated vs existing answer, A/B position drawn with `seed`."""
+    merged = completions.merge(prompts[["id", "response", "model"]].rename(
+        columns={"response": "existing", "model": "existing_model"}), on="id", how="inner")
+    rng = np.random.default_rng(seed)
+    generated_is_a = rng.random(len(merged)) < 0.5
+    gen_turns = merged["response"].map(json.loads)
+    old_turns = merged["existing"].map(json.loads)
+    # the existing answer covers the prompt's turns; keep the same number of generated turns
+    gen_turns = [g[: max(len(o), 1)] for g, o in zip(gen_turns, old_turns)]
+    gen_json = [json.dumps(t, ensure_ascii=False) for t in gen_turns]
+    old_json = merged["existing"].tolist()
+    return pd.DataFrame({
+        "id": [f"gen-{i}" for i in merged["id"]],
+        "prompt": merged["prompt"],
+        "response_a": np.where(generated_is_a, gen_json, old_json),
+        "response_b": np.where(generated_is_a, old_json, gen_json),
+        "model_a": np.where(generated_is_a, merged["generator"], merged["existing_model"]),
+        "model_b": np.where(generated_is_a, merged["existing_model"], merged["generator"]),
+        "source": "generated",
+        "generator": merged["generator"],
+    })
+
+
+def build_completion_assets(profile: Profile) -> list[dg.AssetsDefinition]:
+    class GenerateConfig(dg.Config):
+        backend: str = profile.generate_backend  # auto | vllm | transformers
+        model: str = profile.generator_model
+        max_new_tokens: int = profile.generate_max_new_tokens
+        temperature: float = 0.7
+        top_p: float = 0.9
+        seed: int = profile.seed
+
+    @dg.asset(group_name=GROUP, deps=["raw_prompts"], pool="gpu", kinds={"vllm"},
+              description="New answers to the prompts (temperature 0.7, top_p 0.9, multi-turn regenerated turn by "
+                          "turn), by `gpu_jobs.generate` in its own environment.")
+    def generated_completions(context: dg.AssetExecutionContext, config: GenerateConfig, storage: ArenaStorage,
+                              launcher: JobLauncher):
+        backend = config.backend
+        if backend == "auto":
+            backend = "vllm" if vllm_available(launcher) else "transformers"
+        if backend == "vllm" and not vllm_available(launcher):
+            raise dg.Failure("backend 'vllm' asked for, but no generation environment exists: run "
+                             "`make vllm-env` (scripts/setup_vllm_env.sh) or use backend 'transformers'")
+        out = storage.data("generated_completions")
+        args = ["--backend", backend, "--model", config.model, "--prompts", str(storage.data("raw_prompts")),
+                "--output", str(out), "--max-new-tokens", str(config.max_new_tokens),
+                "--temperature", str(config.temperature), "--top-p", str(config.top_p), "--seed", str(config.seed)]
+        result = launcher.run(context, "gpu_jobs.generate", args, accelerate=False,
+                              environment="generation" if backend == "vllm" else "default")
+        frame = pd.read_parquet(out)
+        metrics = json.loads(out.with_suffix(".metrics.json").read_text()) if out.with_suffix(".metrics.json").exists() else {}
+        return dg.MaterializeResult(
+            metadata={"rows": len(frame), "backend": backend, "generator": str(frame["generator"].iloc[0]) if len(frame) else "",
+                      **{k: v for k, v in {**metrics, **result.metadata}.items() if isinstance(v, (int, float, str))},
+                      "wall_s_with_launch": round(result.wall_s, 1), "path": dg.MetadataValue.path(str(out))},
+            data_version=dg.DataVersion(file_version(out)),
+        )
+
+    @dg.asset(group_name=GROUP, deps=["raw_unlabelled", "generated_completions", "raw_prompts"], kinds={"parquet"},
+              description="The unlabelled pool: shipped/incoming pairs + generated answers paired with existing ones.")
+    def unlabelled_pairs(context: dg.AssetExecutionContext, storage: ArenaStorage):
+        pool = pd.read_parquet(storage.data("raw_unlabelled")).assign(generator="")
+        generated = pair_completions(pd.read_parquet(storage.data("generated_completions")),
+                                     pd.read_parquet(storage.data("raw_prompts")), profile.seed)
+        generated, report = clean_frame(generated, file="generated_completions", labelled=False, source="generated")
+        frame = pd.concat([pool, generated], ignore_index=True)
+        before = len(frame)
+        frame = frame.drop_duplicates(["prompt", "response_a", "response_b"], keep="first")
+        path = atomic_write_parquet(frame, storage.data("unlabelled_pairs"))
+        return dg.MaterializeResult(
+            metadata={"rows": len(frame), "pairs_per_source": dg.MetadataValue.json(frame["source"].value_counts().to_dict()),
+                      "generated_cleaning": dg.MetadataValue.json(report.to_metadata()),
+                      "duplicates_removed": before - len(frame), "path": dg.MetadataValue.path(str(path))},
+            data_version=dg.DataVersion(file_version(path)),
+        )
+
+    return [generated_completions, unlabelled_pairs]

@@ -1,0 +1,148 @@
+"""Out-of-fold predictions per (stage, model, fold): each fold's training job is launched as a separate
+`accelerate launch -m gpu_jobs.train` process through Dagster Pipes, then recorded in MLflow.
+
+One asset per (stage, model config), partitioned by fold, so a single (model, fold) can be rebuilt alone
+from the UI (pick a partition) or the CLI (``--tags '{"dagster/partition": "0"}'``).
+"""
+
+
+import json
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import yaml
+
+from arena_pipeline import plots
+from arena_pipeline.config import ModelSpec, Profile
+from arena_pipeline.data.folds import label_index
+from arena_pipeline.partitions import fold_partitions, run_folds
+from arena_pipeline.resources.launcher import JobLauncher
+from arena_pipeline.resources.storage import ArenaStorage, atomic_write_json, atomic_write_parquet, file_version
+from arena_pipeline.resources.tracking import MlflowTracking
+
+STAGE1, STAGE2 = "stage1", "stage2"
+REPORTED = ("val_log_loss", "val_accuracy", "val_loss_a", "val_loss_b", "val_loss_tie",
+            "train_examples_per_s", "predict_examples_per_s", "wall_s", "n_train", "n_val", "final_train_loss")
+
+
+def oof_asset_name(stage: str, model: str) -> str:
+    return f"{stage}_oof_{model}"
+
+
+def job_args(spec: ModelSpec, fold: int, data: Path, out: Path, extra: list[str] = ()) -> list[str]:
+    args = ["--config", str(spec.config_path), "--fold", str(fold), "--data", str(data), "--output-dir", str(out)]
+    for override in (*spec.overrides, *extra):
+        args += ["--set", override]
+    return args
+
+
+def read_history(out: Path) -> list[dict]:
+    path = out / "history.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def resolved_config(out: Path) -> dict:
+    path = out / "model" / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.exists() else {}
+
+
+def stage2_training_data(storage: ArenaStorage, fold: int, pseudo_weight: float) -> Path:
+    """Human rows (one-hot targets) + fold K's pseudo-labelled rows (soft targets, train only)."""
+    human = pd.read_parquet(storage.data("processed_folds"))
+    y = label_index(human)
+    targets = np.eye(3)[y]
+    human = human.assign(target_a=targets[:, 0], target_b=targets[:, 1], target_tie=targets[:, 2], sample_weight=1.0)
+    pseudo = pd.read_parquet(storage.pseudo_labels(fold))
+    pseudo = pseudo.assign(fold=-1, sample_weight=float(pseudo_weight))
+    keep = ["id", "prompt", "response_a", "response_b", "model_a", "model_b", "source", "group", "fold",
+            "target_a", "target_b", "target_tie", "sample_weight"]
+    combined = pd.concat([human[keep + ["winner_model_a", "winner_model_b", "winner_tie"]], pseudo[keep]],
+                         ignore_index=True)
+    for column in ("winner_model_a", "winner_model_b", "winner_tie"):
+        combined[column] = combined[column].fillna(-1).astype("int8")  # -1: no human label (pseudo rows)
+    return atomic_write_parquet(combined, storage.scratch("stage2") / f"train_fold{fold}.parquet")
+
+
+def fold_plots(out: Path, processed: pd.DataFrame, title: str) -> dict[str, Path]:
+    oof = pd.read_parquet(out / "oof.parquet")
+    truth = processed.set_index("id").loc[oof["id"]]
+    y = label_index(truth.reset_index())
+    probs = oof[["p_a", "p_b", "p_tie"]].to_numpy()
+    folder = out / "plots"
+    return {
+        "confusion_matrix": plots.confusion_matrix(y, probs, folder / "confusion_matrix.png", title),
+        "reliability": plots.reliability_diagram(y, probs, folder / "reliability.png", title),
+    }
+
+
+def build_oof_asset(stage: str, spec: ModelSpec, profile: Profile) -> dg.AssetsDefinition:
+    name = oof_asset_name(stage, spec.name)
+    deps = ["processed_folds"] if stage == STAGE1 else ["processed_folds", "pseudo_labels"]
+
+    @dg.asset(
+        name=name,
+        group_name=stage,
+        deps=deps,
+        partitions_def=fold_partitions(profile),
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        pool="gpu",
+        kinds={"pytorch" if "features" not in spec.name else "scikitlearn", "mlflow"},
+        description=f"{stage} out-of-fold predictions of '{spec.name}' ({spec.config}); one partition per fold. "
+                    "Each fold trains in its own `accelerate launch -m gpu_jobs.train` process.",
+        tags={"stage": stage, "model": spec.name},
+    )
+    def _oof(context: dg.AssetExecutionContext, storage: ArenaStorage, launcher: JobLauncher,
+             mlflow: MlflowTracking) -> dg.MaterializeResult:
+        processed_path = storage.data("processed_folds")
+        processed = pd.read_parquet(processed_path)
+        per_fold: dict[str, dict] = {}
+        images: dict[str, dg.MetadataValue] = {}
+        links: dict[str, str] = {}
+        for fold in run_folds(context):
+            if stage == STAGE1:
+                data = processed_path
+            else:
+                data = stage2_training_data(storage, fold, profile.pseudo_weight)
+            out = storage.job_dir(stage, spec.name, fold)
+            shutil.rmtree(out, ignore_errors=True)  # a stale result must never pass for this run's
+            result = launcher.run(context, "gpu_jobs.train", job_args(spec, fold, data, out),
+                                  extras={"stage": stage, "model": spec.name, "fold": fold})
+            metrics = json.loads((out / "metrics.json").read_text())
+            atomic_write_json({"stage": stage, "model": spec.name, "fold": fold, "data": str(data),
+                               "data_version": file_version(Path(data)), "dagster_run_id": context.run_id,
+                               "wall_s_with_launch": result.wall_s}, out / "job.json")
+            pngs = fold_plots(out, processed, f"{stage}/{spec.name} fold {fold}")
+            run_id, link = mlflow.log_job(
+                context, stage=stage, model=spec.name, fold=fold, params=resolved_config(out),
+                metrics={**metrics, "wall_s_with_launch": result.wall_s}, history=read_history(out),
+                artifacts=[out / "model" / "config.yaml", out / "metrics.json", *pngs.values()],
+                tags={"data_version": file_version(Path(data))},
+            )
+            per_fold[str(fold)] = {k: metrics[k] for k in REPORTED if k in metrics}
+            per_fold[str(fold)]["wall_s_with_launch"] = round(result.wall_s, 1)
+            links[str(fold)] = link
+            for key, png in pngs.items():
+                images[f"{key}_fold{fold}"] = plots.as_metadata(png)
+            context.log.info(f"{name} fold {fold}: val_log_loss={metrics.get('val_log_loss')} "
+                             f"({result.wall_s:.0f}s)")
+        metadata: dict = {"folds": dg.MetadataValue.json(per_fold), "mlflow_runs": dg.MetadataValue.json(links)}
+        if len(per_fold) == 1:
+            (fold_key, only), = per_fold.items()
+            metadata.update({k: float(v) for k, v in only.items() if v is not None})
+            metadata["mlflow_run"] = dg.MetadataValue.url(links[fold_key])
+        else:
+            metadata["mean_val_log_loss"] = float(np.mean([m["val_log_loss"] for m in per_fold.values()]))
+        metadata.update(images)
+        return dg.MaterializeResult(metadata=metadata)
+
+    return _oof
+
+
+def build_oof_assets(stage: str, profile: Profile) -> list[dg.AssetsDefinition]:
+    models = profile.models if stage == STAGE1 else profile.stage2_models
+    return [build_oof_asset(stage, spec, profile) for spec in models]

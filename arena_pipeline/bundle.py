@@ -1,0 +1,83 @@
+"""The predictor bundle: a self-contained folder that scores new pairs without the Dagster instance.
+
+Layout::
+
+    bundle.json                      members, weights, temperature, folds, configs, data versions
+    models/<stage>/<model>/fold<k>/  the trained model folders (weights/adapter + head + tokenizer + config)
+
+Scoring: each member's folds are averaged, members are blended with the ensemble weights, the blend is
+tempered — exactly the arithmetic of the final ensemble asset, so the bundle reproduces the pipeline's
+own predictions for the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from arena_pipeline import ensemble as ens
+
+SUBMISSION_COLUMNS = ["winner_model_a", "winner_model_b", "winner_tie"]
+
+
+class BundleError(ValueError):
+    pass
+
+
+def write_bundle(target: Path, spec: dict, model_dirs: dict[tuple[str, str, int], Path], extra: dict) -> Path:
+    """Copy the model folders of the members with weight > 0 and write bundle.json (built aside, then renamed)."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    models: dict[str, dict[str, str]] = {}
+    for (stage, model, fold), src in sorted(model_dirs.items()):
+        rel = Path("models") / stage / model / f"fold{fold}"
+        shutil.copytree(src, partial / rel)
+        models.setdefault(f"{stage}/{model}", {})[str(fold)] = str(rel)
+    manifest = {**spec, "models": models, **extra, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (partial / "bundle.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    from arena_pipeline.resources.storage import replace_dir
+
+    return replace_dir(partial, target)
+
+
+def load_manifest(bundle_dir: Path) -> dict:
+    path = Path(bundle_dir) / "bundle.json"
+    if not path.exists():
+        raise BundleError(f"{bundle_dir}: not a predictor bundle (no bundle.json). Run the pipeline "
+                          "(`arena-pipeline demo`) or pass --bundle pointing at a bundle folder.")
+    return json.loads(path.read_text())
+
+
+def score_frame(bundle_dir: Path, frame: pd.DataFrame, progress=None) -> np.ndarray:
+    """(n, 3) probabilities [A wins, B wins, tie] for the rows of ``frame`` (data contract columns)."""
+    from gpu_jobs.predict import predict_frame
+
+    bundle_dir = Path(bundle_dir)
+    manifest = load_manifest(bundle_dir)
+    weights = {name: w for name, w in manifest["weights"].items() if w > 0}
+    members = [m for m in manifest["members"] if m["name"] in weights]
+    probs: dict[str, np.ndarray] = {}
+    for key in sorted({f"{m['stage']}/{m['model']}" for m in members}):
+        want_tta = any(f"{m['stage']}/{m['model']}" == key and m["tta"] for m in members)
+        plain, swapped = [], []
+        for fold, rel in sorted(manifest["models"][key].items()):
+            p, p_tta = predict_frame(bundle_dir / rel, frame, tta=want_tta)
+            plain.append(p)
+            if want_tta:
+                swapped.append(p_tta)
+            if progress:
+                progress(key, fold)
+        for m in members:
+            if f"{m['stage']}/{m['model']}" == key:
+                probs[m["name"]] = np.mean(swapped if m["tta"] else plain, axis=0)
+    blended = ens.apply_temperature(ens.blend(probs, weights), manifest["temperature"])
+    return blended / blended.sum(axis=1, keepdims=True)
+
+
+def submission_frame(ids, probs: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"id": list(ids), **{c: probs[:, i] for i, c in enumerate(SUBMISSION_COLUMNS)}})
