@@ -2,7 +2,8 @@
 
 The profile comes from ``ARENA_PROFILE`` (smoke | demo | full; default demo). Resources read their settings
 from the environment so the same definitions run locally or on a cluster:
-``ARENA_MLFLOW_URI`` (tracking store), ``ARENA_ACCELERATE_CONFIG`` (accelerate config file).
+``ARENA_MLFLOW_URI`` (tracking store), ``ARENA_MLFLOW_ARTIFACTS`` (artifact location),
+``ARENA_ACCELERATE_CONFIG`` (accelerate config file), ``ARENA_LAUNCHER=k8s`` + ``ARENA_K8S_*`` (Kubernetes pods).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from arena_pipeline.assets.raw import build_raw_assets
 from arena_pipeline.checks import FOLD_CHECKS, build_pseudo_checks
 from arena_pipeline.config import Profile, get_profile
 from arena_pipeline.jobs import build_jobs
+from arena_pipeline.resources.k8s_launcher import k8s_resources_from_env
 from arena_pipeline.resources.launcher import JobLauncher, default_environments
 from arena_pipeline.resources.storage import ArenaStorage
 from arena_pipeline.resources.tracking import MlflowTracking
@@ -29,14 +31,17 @@ from arena_pipeline.sensors import build_sensors
 
 
 def build_resources(profile: Profile) -> dict:
-    return {
+    resources = {
         "storage": ArenaStorage(home=os.environ.get("ARENA_STORAGE_HOME", "")),
         "launcher": JobLauncher(
             accelerate_config=os.environ.get("ARENA_ACCELERATE_CONFIG", str(profile.accelerate_config_path)),
             environments=default_environments(),
         ),
-        "mlflow": MlflowTracking(tracking_uri=os.environ.get("ARENA_MLFLOW_URI", "")),
+        "mlflow": MlflowTracking(tracking_uri=os.environ.get("ARENA_MLFLOW_URI", ""),
+                                 artifact_location=os.environ.get("ARENA_MLFLOW_ARTIFACTS", "")),
     }
+    resources.update(k8s_resources_from_env() or {})  # ARENA_LAUNCHER=k8s: jobs run as pods (deploy/README.md)
+    return resources
 
 
 def build_definitions(profile: Profile) -> dg.Definitions:

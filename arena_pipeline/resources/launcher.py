@@ -187,5 +187,8 @@ def default_environments() -> dict[str, str]:
     return envs
 
 
-def vllm_available(launcher: JobLauncher) -> bool:
+def vllm_available(launcher) -> bool:
+    """Whether the launcher has a generation environment (a local venv, or an image on a cluster)."""
+    if hasattr(launcher, "has_environment"):
+        return launcher.has_environment("generation")
     return "generation" in launcher.environments and Path(launcher.environments["generation"]).exists()

@@ -39,6 +39,7 @@ def flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
 
 class MlflowTracking(dg.ConfigurableResource):
     tracking_uri: str = ""
+    artifact_location: str = ""  # default: <state>/mlflow/artifacts
     experiment: str = EXPERIMENT
     ui_url: str = "http://127.0.0.1:5000"
 
@@ -52,7 +53,7 @@ class MlflowTracking(dg.ConfigurableResource):
 
     @property
     def artifact_root(self) -> str:
-        return (dagster_home() / "mlflow" / "artifacts").as_uri()
+        return self.artifact_location or (dagster_home() / "mlflow" / "artifacts").as_uri()
 
     def client(self):
         from mlflow.tracking import MlflowClient
