@@ -1,144 +1,324 @@
-"""Blending math on (n, 3) probability arrays [A wins, B wins, tie]: losses, weights, temperature.
+"""Blending math on (n, 3) probability arrays, columns [A wins, B wins, tie].
 
-Pure numpy/scipy/optuna, no Dagster: the ensemble and pseudo-label assets and the bundle call it.
+Pure numpy / scipy / optuna, no Dagster: the ensemble and pseudo-label assets, the bundle and the CLI call
+these functions.
+
+- ``log_loss3`` / ``per_class_loss`` / ``accuracy``: the competition metric and its parts.
+- ``fit_weights``: non-negative weights, summing to 1, minimising the log loss of the weighted average of
+  the members' probabilities. ``method="powell"`` is the reference recipe (scipy Powell on the weights,
+  absolute value, normalised); ``method="optuna"`` a TPE search over the same simplex. Either way the
+  result is never worse in sample than the uniform blend or any single member (they are candidates too).
+- ``fit_temperature`` / ``apply_temperature``: one temperature on the log-probabilities (T > 1 softens).
+- ``fit_tie_bias`` / ``apply_tie_bias``: an additive log-odds bias on the tie class (a tie prior shift).
+- ``cross_validated_blend``: weights (+ temperature) fitted on K-1 parts and scored on the held-out part,
+  the honest estimate of what the fitted blend is worth next to its in-sample figure.
+- ``tta_average``: average a prediction with the permuted-back prediction on the A/B-swapped input.
 """
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
-from sklearn.model_selection import StratifiedKFold
 
 EPS = 1e-15
-SWAP = [1, 0, 2]
+SWAP = [1, 0, 2]  # A/B swap permutation of the columns
+CLASS_NAMES = ("a", "b", "tie")
+_TEMPERATURE_BOUNDS = (0.05, 20.0)
+_TIE_BIAS_BOUNDS = (-8.0, 8.0)
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+
+def _probs(p, name: str = "probabilities") -> np.ndarray:
+    p = np.asarray(p, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != 3:
+        raise ValueError(f"{name} must have shape (n, 3) [A wins, B wins, tie], got {p.shape}")
+    if not np.all(np.isfinite(p)):
+        bad = int(np.argwhere(~np.isfinite(p))[0, 0])
+        raise ValueError(f"{name}: row {bad} is not finite ({p[bad].tolist()})")
+    return p
+
+
+def _labels(y, n: int | None = None) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim == 2:  # one-hot / probability targets -> class index (only for accuracy and splits)
+        y = y.argmax(axis=1)
+    if y.ndim != 1:
+        raise ValueError(f"labels must be a 1-d array of 0/1/2 (A, B, tie), got shape {y.shape}")
+    if n is not None and len(y) != n:
+        raise ValueError(f"labels have {len(y)} rows but the probabilities have {n}")
+    yi = y.astype(int)
+    if len(yi) and (np.any(yi != y) or yi.min() < 0 or yi.max() > 2):
+        raise ValueError("labels must be 0 (A wins), 1 (B wins) or 2 (tie)")
+    return yi
+
+
+def _targets(y, n: int) -> np.ndarray:
+    """(n, 3) target probabilities from class indices or from (n, 3) soft / one-hot targets."""
+    y = np.asarray(y)
+    if y.ndim == 2:
+        t = y.astype(np.float64)
+        if t.shape != (n, 3) or not np.all(np.isfinite(t)) or (t < 0).any():
+            raise ValueError(f"targets must be (n={n}, 3) non-negative probabilities, got shape {t.shape}")
+        return t
+    return np.eye(3)[_labels(y, n)]
 
 
 def _normalise(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1.0)
+    p = np.clip(p, EPS, 1.0)
     return p / p.sum(axis=1, keepdims=True)
 
 
-def log_loss3(y: np.ndarray, p: np.ndarray) -> float:
-    """Multiclass log loss (the competition metric); probabilities clipped at 1e-15 and renormalised."""
-    p = _normalise(p)
-    return float(-np.mean(np.log(p[np.arange(len(y)), np.asarray(y, dtype=int)])))
+def _members(member_probs: Mapping[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
+    names = list(member_probs)
+    if not names:
+        raise ValueError("no ensemble members given")
+    arrays = [_probs(member_probs[n], f"member '{n}'") for n in names]
+    rows = {a.shape[0] for a in arrays}
+    if len(rows) != 1:
+        raise ValueError(f"members disagree on the number of rows: { {n: a.shape[0] for n, a in zip(names, arrays)} }")
+    return names, np.stack(arrays)  # (m, n, 3)
 
 
-def per_class_loss(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    """Log loss over the rows of each true class (nan where a class has no rows)."""
-    p = _normalise(p)
-    y = np.asarray(y, dtype=int)
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def log_loss3(y, p) -> float:
+    """Multiclass log loss, probabilities clipped at 1e-15 and renormalised (the competition metric).
+
+    ``y`` is a vector of class indices (0 A, 1 B, 2 tie) or an (n, 3) array of target probabilities
+    (cross-entropy with soft targets). The fitting functions below accept either form too.
+    """
+    p = _normalise(_probs(p))
+    y = np.asarray(y)
+    if y.ndim == 2:
+        t = np.asarray(y, dtype=np.float64)
+        if t.shape != p.shape:
+            raise ValueError(f"targets shape {t.shape} differs from probabilities shape {p.shape}")
+        return float(-np.mean(np.sum(t * np.log(p), axis=1)))
+    yi = _labels(y, len(p))
+    if len(yi) == 0:
+        return float("nan")
+    return float(-np.mean(np.log(p[np.arange(len(yi)), yi])))
+
+
+log_loss = log_loss3  # the short name
+
+
+def per_class_loss(y, p) -> dict[str, float]:
+    """Log loss over the rows of each true class: {"a", "b", "tie"} (nan where a class has no rows)."""
+    p = _normalise(_probs(p))
+    yi = _labels(y, len(p))
     out = {}
-    for k, name in enumerate(("a", "b", "tie")):
-        mask = y == k
+    for k, name in enumerate(CLASS_NAMES):
+        mask = yi == k
         out[name] = float(-np.mean(np.log(p[mask, k]))) if mask.any() else float("nan")
     return out
 
 
-def accuracy(y: np.ndarray, p: np.ndarray) -> float:
-    return float(np.mean(np.asarray(p).argmax(axis=1) == np.asarray(y)))
+def accuracy(y, p) -> float:
+    p = _probs(p)
+    yi = _labels(y, len(p))
+    return float(np.mean(p.argmax(axis=1) == yi)) if len(yi) else float("nan")
 
 
-def blend(member_probs: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
-    """Weighted average of member probabilities (weights normalised over the members given)."""
-    names = [n for n in member_probs if weights.get(n, 0.0) > 0]
-    if not names:
-        raise ValueError("no member has a positive weight")
-    total = sum(weights[n] for n in names)
-    return sum(weights[n] / total * np.asarray(member_probs[n], dtype=np.float64) for n in names)
+# --------------------------------------------------------------------------------------- blending
 
 
-def _weights_from(raw: np.ndarray) -> np.ndarray:
-    w = np.abs(raw)
+def blend(member_probs: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
+    """Weighted average of the members' probabilities; weights are normalised over the members given
+    (a member missing from ``weights`` has weight 0)."""
+    names, stack = _members(member_probs)
+    w = np.array([float(weights.get(n, 0.0)) for n in names])
+    if np.any(w < 0) or not np.all(np.isfinite(w)):
+        raise ValueError(f"weights must be finite and non-negative, got {dict(zip(names, w.tolist()))}")
+    if w.sum() <= 0:
+        raise ValueError(f"no member has a positive weight (members {names}, weights {dict(weights)})")
+    return _normalise(np.tensordot(w / w.sum(), stack, axes=1))
+
+
+def _simplex(raw: np.ndarray) -> np.ndarray:
+    w = np.abs(np.asarray(raw, dtype=np.float64))
     s = w.sum()
     return w / s if s > 0 else np.full(len(w), 1.0 / len(w))
 
 
-def fit_weights(member_probs: dict[str, np.ndarray], y: np.ndarray, method: str = "powell", seed: int = 42,
-                n_trials: int = 200) -> dict[str, float]:
-    """Non-negative weights (sum 1) minimising the log loss of the weighted average (recipe: scipy Powell)."""
-    names = list(member_probs)
-    stack = np.stack([np.asarray(member_probs[n], dtype=np.float64) for n in names])  # (m, n, 3)
-    if len(names) == 1:
+def fit_weights(
+    member_probs: Mapping[str, np.ndarray],
+    y,
+    method: str = "powell",
+    seed: int = 42,
+    n_trials: int = 200,
+) -> dict[str, float]:
+    """Non-negative weights summing to 1 that minimise the log loss of the weighted average.
+
+    ``powell``: scipy ``minimize(method="Powell")`` from the uniform start on the raw weights, mapped to the
+    simplex by absolute value and normalisation (the reference recipe). ``optuna``: TPE over [0, 1] per
+    member (normalised), seeded, with the uniform blend as the first trial. The uniform blend and each
+    single member are candidates too, so the result is never worse in sample than any of them.
+    """
+    names, stack = _members(member_probs)
+    t = _targets(y, stack.shape[1])
+    m = len(names)
+    if m == 1:
         return {names[0]: 1.0}
+    stack = stack / np.clip(stack.sum(axis=2, keepdims=True), EPS, None)
 
     def loss(raw: np.ndarray) -> float:
-        return log_loss3(y, np.tensordot(_weights_from(raw), stack, axes=1))
+        p = np.tensordot(_simplex(raw), stack, axes=1)
+        return float(-np.mean(np.sum(t * np.log(np.clip(p, EPS, 1.0)), axis=1)))
 
+    candidates = [np.full(m, 1.0 / m)] + [np.eye(m)[i] for i in range(m)]
     if method == "powell":
-        start = np.full(len(names), 1.0 / len(names))
-        result = minimize(loss, start, method="Powell", options={"xtol": 1e-4, "ftol": 1e-7, "maxiter": 20000})
-        best = _weights_from(result.x)
+        res = minimize(loss, np.full(m, 1.0 / m), method="Powell",
+                       options={"xtol": 1e-6, "ftol": 1e-10, "maxiter": 200 * m, "maxfev": 4000 * m})
+        candidates.append(_simplex(res.x))
     elif method == "optuna":
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed))
-        study.enqueue_trial({n: 1.0 for n in names})
-        study.optimize(lambda t: loss(np.array([t.suggest_float(n, 0.0, 1.0) for n in names])), n_trials=n_trials)
-        best = _weights_from(np.array([study.best_params[n] for n in names]))
+        study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+        study.enqueue_trial({f"w{i}": 1.0 for i in range(m)})
+        study.optimize(lambda t: loss(np.array([t.suggest_float(f"w{i}", 0.0, 1.0) for i in range(m)])),
+                       n_trials=n_trials)
+        candidates.append(_simplex(np.array([study.best_params[f"w{i}"] for i in range(m)])))
     else:
-        raise ValueError(f"unknown ensemble method '{method}': use 'powell' or 'optuna'")
-    # never return something worse than the uniform blend or any single member
-    candidates = [best, np.full(len(names), 1.0 / len(names)), *np.eye(len(names))]
+        raise ValueError(f"unknown ensemble method {method!r}: use 'powell' or 'optuna'")
     best = min(candidates, key=loss)
     return {n: float(w) for n, w in zip(names, best)}
 
 
-def apply_temperature(p: np.ndarray, temperature: float) -> np.ndarray:
-    """Softmax(log p / T): T > 1 softens over-confident predictions, T < 1 sharpens."""
-    logits = np.log(_normalise(p)) / float(temperature)
+# ----------------------------------------------------------------------------------- calibration
+
+
+def apply_temperature(p, temperature: float) -> np.ndarray:
+    """softmax(log p / T): T > 1 softens over-confident probabilities, T < 1 sharpens them."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    logits = np.log(_normalise(_probs(p))) / float(temperature)
     logits -= logits.max(axis=1, keepdims=True)
     e = np.exp(logits)
     return e / e.sum(axis=1, keepdims=True)
 
 
-def fit_temperature(p: np.ndarray, y: np.ndarray) -> float:
-    result = minimize_scalar(lambda t: log_loss3(y, apply_temperature(p, t)), bounds=(0.05, 20.0), method="bounded")
-    return float(result.x)
+def fit_temperature(p, y) -> float:
+    """The temperature in [0.05, 20] minimising log loss (bounded scalar search on log T)."""
+    p = _probs(p)
+    yi = _targets(y, len(p))
+    lo, hi = np.log(_TEMPERATURE_BOUNDS[0]), np.log(_TEMPERATURE_BOUNDS[1])
+    res = minimize_scalar(lambda lt: log_loss3(yi, apply_temperature(p, np.exp(lt))), bounds=(lo, hi),
+                          method="bounded", options={"xatol": 1e-6})
+    t = float(np.exp(res.x))
+    # the identity is a candidate: never return something worse than T = 1
+    return t if log_loss3(yi, apply_temperature(p, t)) <= log_loss3(yi, p) else 1.0
 
 
-def apply_tie_bias(p: np.ndarray, bias: float) -> np.ndarray:
-    """Add ``bias`` to the tie log-odds (a tie prior that differs by source)."""
-    logits = np.log(_normalise(p))
-    logits[:, 2] += bias
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+def apply_tie_bias(p, bias: float) -> np.ndarray:
+    """Add ``bias`` to the tie log-odds (shifts the tie prior; A/B symmetric)."""
+    logits = np.log(_normalise(_probs(p)))
+    logits[:, 2] += float(bias)
+    logits -= logits.max(axis=1, keepdims=True)
+    e = np.exp(logits)
     return e / e.sum(axis=1, keepdims=True)
 
 
-def fit_tie_bias(p: np.ndarray, y: np.ndarray) -> float:
-    result = minimize_scalar(lambda b: log_loss3(y, apply_tie_bias(p, b)), bounds=(-5.0, 5.0), method="bounded")
-    return float(result.x)
+def fit_tie_bias(p, y) -> float:
+    """The additive tie log-odds bias in [-8, 8] minimising log loss."""
+    p = _probs(p)
+    yi = _targets(y, len(p))
+    res = minimize_scalar(lambda b: log_loss3(yi, apply_tie_bias(p, b)), bounds=_TIE_BIAS_BOUNDS,
+                          method="bounded", options={"xatol": 1e-6})
+    b = float(res.x)
+    return b if log_loss3(yi, apply_tie_bias(p, b)) <= log_loss3(yi, p) else 0.0
 
 
-def tta_average(p: np.ndarray, p_swapped_back: np.ndarray) -> np.ndarray:
-    """Average a prediction with its A/B-swapped prediction (already permuted back to [A, B, tie])."""
-    return (np.asarray(p) + np.asarray(p_swapped_back)) / 2.0
+def tta_average(p, p_swapped_permuted_back) -> np.ndarray:
+    """Mean of a prediction and the prediction on the A/B-swapped input, already permuted back [1, 0, 2]."""
+    a = _probs(p)
+    b = _probs(p_swapped_permuted_back, "swapped probabilities")
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    return _normalise((a + b) / 2.0)
 
 
-def cross_validated_blend(member_probs: dict[str, np.ndarray], y: np.ndarray, n_splits: int = 5, seed: int = 42,
-                          method: str = "powell") -> dict:
-    """Weights + temperature fitted on K-1 parts of the rows, scored on the held-out part (the honest figure)."""
-    y = np.asarray(y, dtype=int)
-    names = list(member_probs)
+# ------------------------------------------------------------------------------ cross-validation
+
+
+def _splits(y: np.ndarray, n_splits: int, seed: int, groups) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+
+    n = len(y)
+    if n < 2 * 2:
+        raise ValueError(f"cross_validated_blend needs at least 4 rows, got {n}")
+    k = max(2, min(n_splits, n // 2))
     counts = np.bincount(y, minlength=3)
-    splits = min(n_splits, int(counts[counts > 0].min())) if len(y) else 0
-    oof = np.zeros((len(y), 3))
-    if splits < 2:
-        raise ValueError(f"cross_validated_blend needs at least 2 rows of every present class, got counts {counts}")
-    for train, test in StratifiedKFold(splits, shuffle=True, random_state=seed).split(np.zeros(len(y)), y):
-        part = {n: np.asarray(member_probs[n])[train] for n in names}
-        weights = fit_weights(part, y[train], method=method, seed=seed)
-        temperature = fit_temperature(blend(part, weights), y[train])
-        oof[test] = apply_temperature(blend({n: np.asarray(member_probs[n])[test] for n in names}, weights), temperature)
-    weights = fit_weights(member_probs, y, method=method, seed=seed)
-    in_sample = blend(member_probs, weights)
-    in_sample = apply_temperature(in_sample, fit_temperature(in_sample, y))
+    stratify = counts[counts > 0].min() >= k
+    if groups is not None:
+        groups = np.asarray(groups)
+        k = min(k, len(np.unique(groups)))
+        if k < 2:
+            raise ValueError("cross_validated_blend: fewer than 2 distinct groups")
+        if stratify:
+            splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        else:
+            splitter = GroupKFold(n_splits=k)
+        return list(splitter.split(np.zeros(n), y, groups))
+    if stratify:
+        return list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(n), y))
+    return list(KFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(n)))
+
+
+def cross_validated_blend(
+    member_probs: Mapping[str, np.ndarray],
+    y,
+    n_splits: int = 5,
+    seed: int = 42,
+    method: str = "powell",
+    temperature: bool = True,
+    groups=None,
+    n_trials: int = 200,
+) -> dict:
+    """Fit weights (+ temperature) on K-1 parts of the rows, score on the held-out part.
+
+    Splits are stratified on the label (grouped when ``groups``, e.g. the prompt, is given). Returns:
+    ``weights`` / ``temperature`` (fitted on all rows), ``in_sample_log_loss`` (that blend on all rows),
+    ``cv_log_loss`` (the out-of-fold blended probabilities ``oof_probs`` scored), ``cv_fold_log_loss``,
+    ``fold_weights``, ``uniform_log_loss``, ``member_log_loss``, ``best_member``, ``n_splits``.
+    """
+    names, stack = _members(member_probs)
+    tgt = _targets(y, stack.shape[1])
+    yi = tgt.argmax(axis=1)  # class index, for stratified splits
+    members = {n: stack[i] for i, n in enumerate(names)}
+
+    def fit_on(idx: np.ndarray) -> tuple[dict[str, float], float]:
+        part = {n: members[n][idx] for n in names}
+        w = fit_weights(part, tgt[idx], method=method, seed=seed, n_trials=n_trials)
+        t = fit_temperature(blend(part, w), tgt[idx]) if temperature else 1.0
+        return w, t
+
+    oof = np.zeros((len(yi), 3))
+    fold_losses, fold_weights = [], []
+    for train_idx, test_idx in _splits(yi, n_splits, seed, groups):
+        w, t = fit_on(train_idx)
+        oof[test_idx] = apply_temperature(blend({n: members[n][test_idx] for n in names}, w), t)
+        fold_losses.append(log_loss3(tgt[test_idx], oof[test_idx]))
+        fold_weights.append(w)
+    weights, temp = fit_on(np.arange(len(yi)))
+    in_sample = apply_temperature(blend(members, weights), temp)
+    member_loss = {n: log_loss3(tgt, members[n]) for n in names}
     return {
-        "cv_log_loss": log_loss3(y, oof),
-        "in_sample_log_loss": log_loss3(y, in_sample),
-        "uniform_log_loss": log_loss3(y, blend(member_probs, {n: 1.0 for n in names})),
-        "member_log_loss": {n: log_loss3(y, member_probs[n]) for n in names},
+        "weights": weights,
+        "temperature": temp,
+        "in_sample_log_loss": log_loss3(tgt, in_sample),
+        "cv_log_loss": log_loss3(tgt, oof),
+        "cv_fold_log_loss": fold_losses,
+        "fold_weights": fold_weights,
+        "uniform_log_loss": log_loss3(tgt, blend(members, {n: 1.0 for n in names})),
+        "member_log_loss": member_loss,
+        "best_member": min(member_loss, key=member_loss.get),
         "oof_probs": oof,
-        "n_splits": splits,
+        "n_splits": len(fold_losses),
     }
