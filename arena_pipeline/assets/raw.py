@@ -24,7 +24,7 @@ GROUP = "inputs"
 class RawFilesConfig(dg.Config):
     """Point a raw asset at your own files (CSV incl. Kaggle train.csv, parquet, JSONL, saved HF datasets)."""
 
-    paths: list[str] = []
+    paths: list[str] | None = None  # None: the profile's default files; []: no files
     max_rows_per_file: int = -1  # -1: the profile's default; 0: no cap
 
 
@@ -76,7 +76,7 @@ def build_raw_assets(profile: Profile) -> list[dg.AssetsDefinition]:
     def make(name: str, default_paths: tuple[str, ...], *, labelled: bool, default_limit: int | None, doc: str):
         @dg.asset(name=name, group_name=GROUP, description=doc, kinds={"parquet"})
         def _asset(context: dg.AssetExecutionContext, config: RawFilesConfig, storage: ArenaStorage):
-            paths = config.paths or list(default_paths)
+            paths = list(default_paths) if config.paths is None else config.paths
             frame, per_file = load_clean(paths, labelled=labelled, limit=_limit(config, default_limit),
                                          seed=profile.seed)
             if name == "raw_unlabelled":
