@@ -199,6 +199,11 @@ def _check_value(value: Any, tp: Any, source: str, key: str) -> Any:
             raise ValueError(_where(source, key) + f" must be a list, got {type(value).__name__} {value!r}")
         return [_check_value(v, item_tp, source, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(_where(source, key) + f" must be a number, got {type(value).__name__} {value!r}")
         return float(value)

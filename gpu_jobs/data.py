@@ -146,9 +146,9 @@ def _trim_parts(parts: list[list[int]], room: int) -> list[list[int]]:
         return parts
     room = max(room, 0)
     keep = [len(p) * room // total for p in parts]
-    # hand out the rounding remainder to the longest parts first
-    for i in sorted(range(len(parts)), key=lambda i: -len(parts[i]))[: room - sum(keep)]:
-        keep[i] += 1
+    # the rounding remainder (<= 2 tokens) goes to the prompt only, so that A and B are treated alike and
+    # swapping them gives exactly the swapped token sequence
+    keep[0] = min(len(parts[0]), keep[0] + room - sum(keep))
     return [p[:k] for p, k in zip(parts, keep)]
 
 

@@ -99,6 +99,8 @@ def predict_ids(model, ids: list[list[int]], pad_token_id: int, batch_size: int,
     if n_proc > 1:
         from accelerate.utils import gather_object
 
+        print(f"gpu_jobs.predict: process {rank}/{n_proc} predicted {sum(len(r) for r, _ in pieces)} of "
+              f"{len(ids)} rows", file=sys.stderr, flush=True)
         pieces = gather_object(pieces)
     out = np.full((len(ids), 3), np.nan, dtype=np.float64)
     seen = np.zeros(len(ids), dtype=np.int64)

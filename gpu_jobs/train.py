@@ -43,10 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fold", type=int, required=True, help="rows with fold == K are validation")
     p.add_argument("--data", required=True, help="training parquet (contract 2)")
     p.add_argument("--output-dir", required=True, help="OUT; written as OUT.partial, renamed at the end")
-    p.add_argument("--predict", action="append", default=[], metavar="NAME=PATH",
+    p.add_argument("--predict", action="extend", nargs="+", default=[], metavar="NAME=PATH",
                    help="also predict this parquet into pred_NAME.parquet (repeatable)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="config override, e.g. training.lr=2e-4 (YAML value; repeatable)")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="config overrides, e.g. --set training.lr=2e-4 tta=false (YAML values; repeatable)")
     return p.parse_args(argv)
 
 

