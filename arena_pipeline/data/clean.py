@@ -52,6 +52,8 @@ def _item_text(item: object, flags: set[str]) -> str:
     if _is_missing(item):
         flags.add("null_turn")
         return ""
+    if isinstance(item, bytes):  # a list<binary> column: text, like a bytes cell
+        return item.decode("utf-8", "replace")
     if isinstance(item, np.ndarray):
         item = item.tolist()
     if isinstance(item, np.generic):
@@ -66,6 +68,18 @@ def _item_text(item: object, flags: set[str]) -> str:
 
 def _parse(cell: object) -> tuple[list[str], set[str]]:
     """``parse_turns`` plus the set of fixes it applied (keys of ``FIXED_KEYS``)."""
+    try:
+        return _parse_cell(cell)
+    except RecursionError:  # JSON nested deeper than Python's recursion limit: keep the text as written
+        try:
+            text = cell if isinstance(cell, str) else str(cell)
+        except RecursionError:
+            text = ""
+        fixed_text, fixed = _fix_surrogates(text)
+        return [fixed_text], {"non_list_cell", "lone_surrogate"} if fixed else {"non_list_cell"}
+
+
+def _parse_cell(cell: object) -> tuple[list[str], set[str]]:
     flags: set[str] = set()
     if isinstance(cell, bytes):
         cell = cell.decode("utf-8", "replace")
@@ -117,7 +131,9 @@ def parse_turns(cell: object) -> list[str]:
     - unpaired surrogates (a lone ``\\ud83d`` escape in the JSON text, or a ``str`` holding one) ->
       U+FFFD, so every turn encodes as UTF-8;
     - anything that is not a JSON list is one turn: plain text as is, a JSON string decoded, a JSON
-      number / object as written, JSON ``null`` / NaN / None -> ``[""]``.
+      number / object as written, JSON ``null`` / NaN / None -> ``[""]``; JSON nested too deeply
+      to decode (thousands of levels) is plain text too;
+    - ``bytes`` (a cell or a list item) are decoded as UTF-8 (invalid bytes -> U+FFFD).
     """
     return _parse(cell)[0]
 
@@ -160,6 +176,17 @@ class CleaningReport:
         return meta
 
 
+def _name_text(value: object, flags: set[str]) -> str:
+    """A model name / source cell as text: "" when missing, bytes decoded, surrogates repaired."""
+    if _is_missing(value):
+        return ""
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    text, fixed = _fix_surrogates(text)
+    if fixed:
+        flags.add("lone_surrogate")
+    return text
+
+
 def _file_stem(file: str) -> str:
     name = Path(str(file).rstrip("/")).name
     return name.split(".")[0] or name
@@ -186,8 +213,17 @@ def _check_ids(df: pd.DataFrame, file: str) -> pd.Series:
         i = int(np.flatnonzero(missing)[0])
         raise DataError(file, f"the id is missing (row number {i}; {int(missing.sum())} rows without id)",
                         column=ID_COLUMN, hint="Give every row a unique id")
-    values = [str(v) for v in ids.tolist()]
+    values = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in ids.tolist()]
     ids = pd.Series(values, index=df.index, dtype=object)
+    for value in values:
+        if _SURROGATE.search(value) is not None:
+            raise DataError(
+                file,
+                "the id holds an unpaired UTF-16 surrogate (a broken escape such as \\ud83d) and cannot be stored",
+                row_id=value,
+                column=ID_COLUMN,
+                hint="Fix the id in the file",
+            )
     dup = ids.duplicated(keep="first").to_numpy()
     if dup.any():
         raise DataError(
@@ -250,7 +286,8 @@ def clean_frame(
     """Validate and normalise one pair table (Contract 1 layout, without ``fold``).
 
     Validation (a ``DataError`` naming file, row id and column): required columns (``id`` + the
-    text columns, + the label columns when ``labelled``), no missing or repeated id, labels in
+    text columns, + the label columns when ``labelled``), no missing or repeated id, no id holding an
+    unpaired surrogate (ids are keys: they are not repaired), labels in
     {0, 1} (ints, Kaggle-style floats 0.0 / 1.0 or numeric strings) with exactly one winner per row.
 
     Normalisation: the three text columns become ``json.dumps(list[str], ensure_ascii=False)`` with
@@ -258,7 +295,8 @@ def clean_frame(
     non-list cells, nested turns, empty lists and lone surrogates are repaired and counted in
     ``fixed`` (see ``parse_turns``). Empty prompts / responses are kept and counted in ``flagged``;
     very long texts pass through untouched (``flagged["text_over_100k_chars"]``). ``id`` is str,
-    labels int8, ``model_a`` / ``model_b`` "" when missing, ``source`` = the ``source`` argument if
+    labels int8, ``model_a`` / ``model_b`` "" when missing (bytes decoded; lone surrogates repaired and
+    counted like those of the texts), ``source`` = the ``source`` argument if
     given, else the existing column (gaps filled), else the file stem; ``group`` =
     ``prompt_group(prompt)``. Extra columns are kept as they are, after the contract columns.
 
@@ -286,9 +324,18 @@ def clean_frame(
     texts = {col: [""] * n for col in TEXT_COLUMNS}
     groups = [""] * n
     columns = [out[col].tolist() for col in TEXT_COLUMNS]
+    stem = _file_stem(file)
+    # model names (and the source column when no source is given): plain text, "" when missing
+    name_columns = [col for col in MODEL_COLUMNS if col in out.columns]
+    if source is None and SOURCE_COLUMN in out.columns:
+        name_columns.append(SOURCE_COLUMN)
+    name_values = {col: out[col].tolist() for col in name_columns}
+    names = {col: [""] * n for col in name_columns}
     for i in range(n):
         parsed = [_parse(column[i]) for column in columns]
         row_flags = set().union(*(flags for _, flags in parsed))
+        for col in name_columns:
+            names[col][i] = _name_text(name_values[col][i], row_flags)
         turn_lists = [turns for turns, _ in parsed]
         n_turns = max(len(t) for t in turn_lists)
         if any(len(t) != n_turns for t in turn_lists):
@@ -314,17 +361,11 @@ def clean_frame(
         for j, col in enumerate(LABEL_COLUMNS):
             result[col] = labels[:, j]
     for col in MODEL_COLUMNS:
-        if col in out.columns:
-            result[col] = pd.Series(["" if _is_missing(v) else str(v) for v in out[col].tolist()], dtype="str")
-        else:
-            result[col] = pd.Series([""] * n, dtype="str")
-    stem = _file_stem(file)
+        result[col] = pd.Series(names[col] if col in names else [""] * n, dtype="str")
     if source is not None:
         result[SOURCE_COLUMN] = pd.Series([source] * n, dtype="str")
-    elif SOURCE_COLUMN in out.columns:
-        result[SOURCE_COLUMN] = pd.Series(
-            [stem if _is_missing(v) or str(v) == "" else str(v) for v in out[SOURCE_COLUMN].tolist()], dtype="str"
-        )
+    elif SOURCE_COLUMN in names:
+        result[SOURCE_COLUMN] = pd.Series([v or stem for v in names[SOURCE_COLUMN]], dtype="str")
     else:
         result[SOURCE_COLUMN] = pd.Series([stem] * n, dtype="str")
     result[GROUP_COLUMN] = pd.Series(groups, dtype="str")

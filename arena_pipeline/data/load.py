@@ -7,6 +7,9 @@ with ``id`` as strings. Every failure to read is a one-line ``DataError`` naming
 from __future__ import annotations
 
 import json
+import lzma
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,9 @@ import pandas as pd
 from arena_pipeline.data.schema import ID_COLUMN, LABEL_COLUMNS, PROB_COLUMNS, TEXT_COLUMNS, DataError
 
 _COMPRESSION_SUFFIXES = {".gz", ".bz2", ".xz", ".zip", ".zst"}
+# What a truncated or corrupt compressed stream raises (gzip: BadGzipFile / zlib.error / EOFError,
+# bz2: OSError / ValueError / EOFError, xz: LZMAError / EOFError).
+_DECOMPRESS_ERRORS = (OSError, EOFError, ValueError, lzma.LZMAError, zlib.error)
 SUM_TOLERANCE = 1e-3
 
 
@@ -58,7 +64,12 @@ def _read_csv(path: Path) -> pd.DataFrame:
     # Only empty cells are missing: a response that reads "NA" or "null" is text, not a gap.
     dtype = {ID_COLUMN: str, **{c: str for c in TEXT_COLUMNS}, "model_a": str, "model_b": str}
     try:
-        df = pd.read_csv(path, dtype=dtype, keep_default_na=False, na_values=[""], encoding="utf-8")
+        # index_col=False: when every row has one field more than the header, pandas would otherwise
+        # make the first field the index and shift every cell one column to the left, silently.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            df = pd.read_csv(path, dtype=dtype, keep_default_na=False, na_values=[""], encoding="utf-8",
+                             index_col=False)
     except pd.errors.EmptyDataError:
         raise DataError(path, "the CSV file is empty", hint="Write a header row and at least one row") from None
     except pd.errors.ParserError as exc:
@@ -71,6 +82,25 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise DataError(
             path, f"the CSV is not valid UTF-8 (byte offset {exc.start})", hint="Re-encode the file as UTF-8"
         ) from None
+    except ImportError as exc:  # e.g. .zst without the zstandard package
+        raise DataError(path, f"cannot decompress ({_first_line(exc)})",
+                        hint="Install the missing package or decompress the file") from None
+    except _DECOMPRESS_ERRORS as exc:
+        if path.suffix.lower() not in _COMPRESSION_SUFFIXES:
+            if isinstance(exc, OSError):
+                raise DataError(path, f"cannot read the file ({_first_line(exc)})",
+                                hint="Check the file and its permissions") from None
+            raise
+        raise DataError(path, f"cannot decompress ({_first_line(exc)}); the file looks truncated or corrupt",
+                        hint="Re-create or re-download the file") from None
+    for warning in caught:
+        if issubclass(warning.category, pd.errors.ParserWarning):
+            raise DataError(
+                path,
+                f"the rows have more fields than the header ({len(df.columns)} column names): "
+                f"{_first_line(warning.message)}",
+                hint="Name every column in the header, or remove the delimiter at the end of each row",
+            )
     # A file cut in the middle of its last row (outside quotes) parses "fine" with the last cells
     # missing. Catch that case: no final newline and a missing last cell.
     if path.suffix.lower() == ".csv" and len(df) and df.shape[1] > 1 and pd.isna(df.iloc[-1, -1]):
@@ -83,9 +113,10 @@ def _read_csv(path: Path) -> pd.DataFrame:
             row_id = df[ID_COLUMN].iloc[-1] if ID_COLUMN in df.columns else None
             raise DataError(
                 path,
-                f"the last row ends early (column '{df.columns[-1]}' is missing and the file has no final "
-                "newline); the file looks truncated",
+                "the last row ends early (the cell is missing and the file has no final newline); the file "
+                "looks truncated",
                 row_id=row_id,
+                column=str(df.columns[-1]),
                 hint="Re-export or re-download the file completely",
             )
     return df
@@ -103,11 +134,10 @@ def _read_bytes(path: Path) -> bytes:
 
             return bz2.decompress(path.read_bytes())
         if suffix == ".xz":
-            import lzma
-
             return lzma.decompress(path.read_bytes())
-    except (OSError, EOFError, ValueError) as exc:
-        raise DataError(path, f"cannot decompress ({_first_line(exc)})", hint="Re-create the file") from None
+    except _DECOMPRESS_ERRORS as exc:
+        raise DataError(path, f"cannot decompress ({_first_line(exc)}); the file looks truncated or corrupt",
+                        hint="Re-create or re-download the file") from None
     if suffix in _COMPRESSION_SUFFIXES:
         raise DataError(path, f"'{suffix}' compression is not supported for JSON lines",
                         hint="Use .gz, .bz2 or .xz, or decompress the file")
@@ -121,20 +151,27 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
     (``pandas.read_json`` silently deletes it).
     """
     try:
-        text = _read_bytes(path).decode("utf-8")
+        text = _read_bytes(path).decode("utf-8-sig")  # a leading byte order mark is not part of the JSON
     except UnicodeDecodeError as exc:
         raise DataError(path, f"not valid UTF-8 (byte offset {exc.start})",
                         hint="Re-encode the file as UTF-8") from None
     records: list = []
     stripped = text.lstrip()
+    if not stripped:
+        raise DataError(path, "the file is empty", hint="Write one JSON object per row")
+    too_deep = "JSON nested too deeply to read (thousands of levels)"
     if stripped.startswith("["):
         try:
             records = json.loads(stripped)
         except json.JSONDecodeError as exc:
             raise DataError(path, f"invalid JSON array ({exc.msg} at line {exc.lineno})",
                             hint="Fix or re-export the file") from None
+        except RecursionError:
+            raise DataError(path, too_deep, hint="Fix or re-export the file") from None
     else:
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        # Lines end at "\n" only: str.splitlines() would also cut at U+2028, U+0085, \x1c.., which
+        # JSON writers (ensure_ascii=False) leave unescaped inside strings.
+        for lineno, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -145,6 +182,8 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
                     f"line {lineno} is not valid JSON ({exc.msg}, column {exc.colno}); the file may be truncated",
                     hint="Fix or re-export the file (one JSON object per line)",
                 ) from None
+            except RecursionError:
+                raise DataError(path, f"line {lineno}: {too_deep}", hint="Fix or re-export the file") from None
     if not all(isinstance(r, dict) for r in records):
         raise DataError(path, "every JSON line must be an object ({...})", hint="Write one JSON object per row")
     columns: dict[str, list] = {}
@@ -158,9 +197,15 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
     try:
-        return pd.read_parquet(path)
-    except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
+        table = pq.read_table(path)
+        # Reading does not check that string columns hold valid UTF-8; a damaged file would fail
+        # much later, deep inside pandas. Check everything here.
+        table.validate(full=True)
+        return table.to_pandas()
+    except Exception as exc:  # noqa: BLE001 - ArrowInvalid, ArrowNotImplementedError, OSError, ...: all unreadable
         raise DataError(
             path,
             f"cannot read as parquet ({_first_line(exc)})",

@@ -31,8 +31,13 @@ PROCESSED_COLUMNS = (
 )
 
 
+def _printable(text: str) -> str:
+    """Unpaired surrogates (which cannot be written as UTF-8) as ``\\udXXX`` escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
+    return _printable(" ".join(str(text).split()))
 
 
 class DataError(ValueError):
@@ -66,7 +71,7 @@ class DataError(ValueError):
             return
         self.file = str(file)
         self.problem = _one_line(problem).rstrip(".")
-        parts = [self.file]
+        parts = [_printable(self.file)]
         if self.row_id is not None:
             parts.append(f"row id={_one_line(self.row_id)}")
         if column is not None:

@@ -191,7 +191,8 @@ def test_truncated_csv_mid_row(tmp_path, sample):
     with pytest.raises(DataError) as info:
         read_table(path)
     assert info.value.row_id == str(df["id"].iloc[-1])
-    assert "the last row ends early (column 'winner_tie' is missing" in str(info.value)
+    assert info.value.column == "winner_tie"
+    assert "column 'winner_tie': the last row ends early (the cell is missing" in str(info.value)
 
 
 def test_unsupported_and_broken_jsonl(tmp_path):
