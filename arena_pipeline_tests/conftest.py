@@ -1,8 +1,13 @@
 """Shared fixtures: every test gets its own state folder, so nothing touches the developer's instance."""
 
 import os
+import shutil
 
+import dagster as dg
 import pytest
+
+from arena_pipeline.config import REPO_ROOT, SMOKE
+from arena_pipeline.resources.storage import ArenaStorage
 
 
 @pytest.fixture(autouse=True)
@@ -14,3 +19,35 @@ def isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("ARENA_STORAGE_HOME", raising=False)
     monkeypatch.delenv("ARENA_MLFLOW_URI", raising=False)
     yield home
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    home = tmp_path_factory.mktemp("smoke_home")
+    old = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(home)
+    try:
+        from arena_pipeline.definitions import build_definitions
+        from arena_pipeline.partitions import fold_range_tags
+
+        defs = build_definitions(SMOKE)
+        job = defs.resolve_job_def("full_pipeline_job")
+        shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")  # a real sqlite instance the UI can read
+        with dg.DagsterInstance.get() as instance:
+            result = job.execute_in_process(instance=instance, tags=fold_range_tags(SMOKE), raise_on_error=False)
+            materialised = {
+                key.to_user_string()
+                for key in defs.resolve_asset_graph().get_all_asset_keys()
+                if instance.get_latest_materialization_event(key) is not None
+            }
+            checks = [e.event_specific_data for e in result.all_events
+                      if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+            yield {"result": result, "defs": defs, "storage": ArenaStorage(home=str(home / "arena")), "home": home,
+                   "materialised": materialised, "checks": checks}
+    finally:
+        if old is None:
+            os.environ.pop("DAGSTER_HOME", None)
+        else:
+            os.environ["DAGSTER_HOME"] = old
+
+
