@@ -111,3 +111,13 @@ def test_stage1_metadata_and_mlflow_runs(smoke_run):
     for run in runs:
         assert 0 < run.data.metrics["val_log_loss"] < 3
         assert run.data.tags["dagster_run_id"] == smoke_run["result"].run_id
+
+
+def test_bundle_registered_in_mlflow(smoke_run):
+    from arena_pipeline.resources.tracking import MlflowTracking
+
+    client = MlflowTracking(tracking_uri=f"sqlite:///{smoke_run['home'] / 'mlflow' / 'mlflow.db'}").client()
+    versions = client.search_model_versions("name = 'arena-pipeline-predictor'")
+    assert len(versions) == 1
+    artifacts = {a.path for a in client.list_artifacts(versions[0].run_id, "bundle")}
+    assert "bundle/bundle.json" in artifacts and "bundle/models" in artifacts

@@ -125,6 +125,9 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
     total_steps = math.ceil(len(loader) / t.grad_accum) * t.epochs
     optimizer = make_optimizer(model, cfg, module.HEAD_NAMES)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:  # a batch sampler leaves loader.batch_size None, which DeepSpeed's "auto" needs
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     history = open(history_path, "w") if history_path is not None else None

@@ -11,6 +11,7 @@ from arena_pipeline.config import Profile
 from arena_pipeline.data.clean import clean_frame
 from arena_pipeline.data.load import read_table
 from arena_pipeline.resources.storage import ArenaStorage, file_version
+from arena_pipeline.resources.tracking import MlflowTracking
 
 
 def build_bundle_asset(profile: Profile) -> dg.AssetsDefinition:
@@ -20,7 +21,8 @@ def build_bundle_asset(profile: Profile) -> dg.AssetsDefinition:
     @dg.asset(group_name="ensembles", deps=["final_ensemble"], kinds={"folder"},
               description="Self-contained predictor (models, weights, temperature, configs, data versions) that "
                           "scores new files without Dagster; writes submission.csv for a configured test file.")
-    def predictor_bundle(context: dg.AssetExecutionContext, config: BundleConfig, storage: ArenaStorage):
+    def predictor_bundle(context: dg.AssetExecutionContext, config: BundleConfig, storage: ArenaStorage,
+                         mlflow: MlflowTracking):
         spec = json.loads(storage.ensemble("final_ensemble").read_text())
         used = {(m["stage"], m["model"]) for m in spec["members"] if spec["weights"].get(m["name"], 0) > 0}
         model_dirs, configs, versions = {}, {}, {}
@@ -45,7 +47,11 @@ def build_bundle_asset(profile: Profile) -> dg.AssetsDefinition:
             submission_frame(frame["id"], probs).to_csv(out, index=False)
             metadata.update({"submission": dg.MetadataValue.path(str(out)), "submission_rows": len(frame),
                              "test_cleaning": dg.MetadataValue.json(report.to_metadata())})
-        context.log.info(f"bundle written to {bundle}")
+        version, link = mlflow.register_bundle(context, bundle, {
+            "final_log_loss_cv": spec["fitted_blend_log_loss_cv"],
+            "final_log_loss_in_sample": spec["fitted_blend_log_loss_in_sample"]})
+        metadata.update({"mlflow_model_version": str(version), "mlflow_run": dg.MetadataValue.url(link)})
+        context.log.info(f"bundle written to {bundle}; registered as arena-pipeline-predictor v{version}")
         return dg.MaterializeResult(metadata=metadata)
 
     return predictor_bundle

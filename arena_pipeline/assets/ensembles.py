@@ -19,6 +19,7 @@ from arena_pipeline.assets.oof import STAGE1, STAGE2, oof_asset_name
 from arena_pipeline.config import Profile
 from arena_pipeline.data.folds import label_index
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_json, atomic_write_parquet
+from arena_pipeline.resources.tracking import MlflowTracking
 
 PROBS = ["p_a", "p_b", "p_tie"]
 
@@ -60,7 +61,7 @@ def collect_members(storage: ArenaStorage, profile: Profile, stages: tuple[str, 
 
 
 def fit_ensemble(storage: ArenaStorage, profile: Profile, stages: tuple[str, ...], name: str,
-                 method: str) -> tuple[dict, dict]:
+                 method: str) -> tuple[dict, dict[str, Path]]:
     """Fit weights + temperature on the OOF rows all members share; write the spec and blended OOF."""
     members = collect_members(storage, profile, stages)
     ids = sorted(set.intersection(*(set(frame.index) for frame in members.values())))
@@ -93,17 +94,30 @@ def fit_ensemble(storage: ArenaStorage, profile: Profile, stages: tuple[str, ...
     atomic_write_parquet(pd.DataFrame({"id": ids, **{c: final[:, i] for i, c in enumerate(PROBS)}}),
                          storage.ensemble(name).with_suffix(".oof.parquet"))
     folder = storage.scratch("plots")
-    images = {
-        "weights_chart": plots.as_metadata(plots.bar_chart(weights, folder / f"{name}_weights.png",
-                                                           f"{name}: member weights", "weight")),
-        "member_loss_chart": plots.as_metadata(plots.bar_chart(
+    pngs = {
+        "weights_chart": plots.bar_chart(weights, folder / f"{name}_weights.png", f"{name}: member weights", "weight"),
+        "member_loss_chart": plots.bar_chart(
             {**member_loss, "uniform blend": summary["uniform_blend_log_loss"],
              "fitted blend (cv)": summary["fitted_blend_log_loss_cv"]},
-            folder / f"{name}_losses.png", f"{name}: OOF log loss", "log loss")),
-        "reliability": plots.as_metadata(plots.reliability_diagram(y, final, folder / f"{name}_reliability.png",
-                                                                   f"{name} reliability")),
+            folder / f"{name}_losses.png", f"{name}: OOF log loss", "log loss"),
+        "reliability": plots.reliability_diagram(y, final, folder / f"{name}_reliability.png", f"{name} reliability"),
+        "confusion_matrix": plots.confusion_matrix(y, final, folder / f"{name}_confusion.png", name),
     }
-    return summary, images
+    return summary, pngs
+
+
+def log_ensemble(context, mlflow: MlflowTracking, name: str, summary: dict, pngs: dict[str, Path],
+                 path: Path) -> dict:
+    """MLflow run of the ensemble fit (weights as params, losses as metrics, the plots) + Dagster metadata."""
+    metrics = {k: summary[k] for k in ("temperature", "uniform_blend_log_loss", "fitted_blend_log_loss_in_sample",
+                                        "fitted_blend_log_loss_cv", "fitted_blend_accuracy", "class_prior_log_loss")}
+    metrics.update({f"member_log_loss.{k}": v for k, v in summary["member_log_loss"].items()})
+    _, link = mlflow.log_job(context, stage=name, model="ensemble", fold=-1, kind="ensemble",
+                             params={"method": summary["method"], "weights": summary["weights"],
+                                     "folds": summary["folds"]},
+                             metrics=metrics, artifacts=[path, *pngs.values()])
+    return {**_metadata(summary, {k: plots.as_metadata(p) for k, p in pngs.items()}, path),
+            "mlflow_run": dg.MetadataValue.url(link)}
 
 
 def _metadata(summary: dict, images: dict, path: Path) -> dict:
@@ -132,16 +146,20 @@ def build_ensemble_assets(profile: Profile) -> list[dg.AssetsDefinition]:
 
     @dg.asset(group_name="ensembles", deps=stage1_deps, kinds={"scipy"},
               description="Stage-1 blend: member weights + temperature fitted on out-of-fold predictions.")
-    def stage1_ensemble(context: dg.AssetExecutionContext, config: EnsembleConfig, storage: ArenaStorage):
-        summary, images = fit_ensemble(storage, profile, (STAGE1,), "stage1_ensemble", config.method)
+    def stage1_ensemble(context: dg.AssetExecutionContext, config: EnsembleConfig, storage: ArenaStorage,
+                        mlflow: MlflowTracking):
+        summary, pngs = fit_ensemble(storage, profile, (STAGE1,), "stage1_ensemble", config.method)
         context.log.info(f"stage1 blend: cv {summary['fitted_blend_log_loss_cv']:.4f}, weights {summary['weights']}")
-        return dg.MaterializeResult(metadata=_metadata(summary, images, storage.ensemble("stage1_ensemble")))
+        return dg.MaterializeResult(metadata=log_ensemble(context, mlflow, "stage1_ensemble", summary, pngs,
+                                                          storage.ensemble("stage1_ensemble")))
 
     @dg.asset(group_name="ensembles", deps=stage1_deps + stage2_deps, kinds={"scipy"},
               description="Final blend over stage-1 and stage-2 members (OOF on the same human-labelled rows).")
-    def final_ensemble(context: dg.AssetExecutionContext, config: EnsembleConfig, storage: ArenaStorage):
-        summary, images = fit_ensemble(storage, profile, (STAGE1, STAGE2), "final_ensemble", config.method)
+    def final_ensemble(context: dg.AssetExecutionContext, config: EnsembleConfig, storage: ArenaStorage,
+                       mlflow: MlflowTracking):
+        summary, pngs = fit_ensemble(storage, profile, (STAGE1, STAGE2), "final_ensemble", config.method)
         context.log.info(f"final blend: cv {summary['fitted_blend_log_loss_cv']:.4f}, weights {summary['weights']}")
-        return dg.MaterializeResult(metadata=_metadata(summary, images, storage.ensemble("final_ensemble")))
+        return dg.MaterializeResult(metadata=log_ensemble(context, mlflow, "final_ensemble", summary, pngs,
+                                                          storage.ensemble("final_ensemble")))
 
     return [stage1_ensemble, final_ensemble]

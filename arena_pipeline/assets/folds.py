@@ -9,6 +9,7 @@ from arena_pipeline import plots
 from arena_pipeline.config import Profile
 from arena_pipeline.data.folds import build_processed, fold_summary, length_percentiles
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_parquet, file_version
+from arena_pipeline.resources.tracking import MlflowTracking
 
 GROUP = "inputs"
 
@@ -25,7 +26,8 @@ def build_folds_asset(profile: Profile) -> dg.AssetsDefinition:
     @dg.asset(group_name=GROUP, deps=["raw_labelled", "raw_external"], kinds={"parquet"},
               description="Labelled rows with StratifiedGroupKFold folds (grouped by normalised prompt); "
                           "external labelled rows are fold -1 (train only).")
-    def processed_folds(context: dg.AssetExecutionContext, config: FoldsConfig, storage: ArenaStorage):
+    def processed_folds(context: dg.AssetExecutionContext, config: FoldsConfig, storage: ArenaStorage,
+                        mlflow: MlflowTracking):
         labelled = pd.read_parquet(storage.data("raw_labelled"))
         external = pd.read_parquet(storage.data("raw_external"))
         frame, removed = build_processed(labelled, [external] if len(external) else [], n_folds=config.n_folds,
@@ -35,6 +37,7 @@ def build_folds_asset(profile: Profile) -> dg.AssetsDefinition:
             {"fold >= 0": text_lengths(frame[frame["fold"] >= 0]), "fold -1": text_lengths(frame[frame["fold"] < 0])},
             storage.scratch("plots") / "processed_folds_lengths.png",
         )
+        mlflow.log_pipeline_artifact(context, png)
         context.log.info(f"processed_folds: {len(frame)} rows in {config.n_folds} folds -> {path}")
         return dg.MaterializeResult(
             metadata={

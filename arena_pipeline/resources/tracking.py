@@ -99,8 +99,9 @@ class MlflowTracking(dg.ConfigurableResource):
         history: list[dict] | None = None,
         artifacts: list[Path] = (),
         tags: dict[str, str] | None = None,
+        kind: str = "job",
     ) -> tuple[str, str]:
-        """Record one (stage, model, fold) job; returns (run_id, UI link)."""
+        """Record one (stage, model, fold) job (or, with ``kind``, an ensemble fit); returns (run_id, UI link)."""
         from mlflow.entities import Metric, Param, RunTag
 
         client = self.client()
@@ -108,7 +109,7 @@ class MlflowTracking(dg.ConfigurableResource):
         parent = self.parent_run(context.run_id, context.job_name or "adhoc")
         all_tags = {
             "mlflow.parentRunId": parent,
-            "kind": "job",
+            "kind": kind,
             "stage": stage,
             "model": model,
             "fold": str(fold),
@@ -138,6 +139,35 @@ class MlflowTracking(dg.ConfigurableResource):
                 client.log_artifact(run_id, str(path))
         client.set_terminated(run_id)
         return run_id, self.run_link(exp, run_id)
+
+    def log_pipeline_artifact(self, context: dg.AssetExecutionContext, path: Path) -> None:
+        """Attach a file (e.g. a data plot) to the parent run of this Dagster run."""
+        self.client().log_artifact(self.parent_run(context.run_id, context.job_name or "adhoc"), str(path))
+
+    def register_bundle(self, context: dg.AssetExecutionContext, bundle_dir: Path, metrics: dict[str, float],
+                        model_name: str = "arena-pipeline-predictor") -> tuple[str, str]:
+        """Log the bundle folder as a run's artifacts and register it as a new version of ``model_name``."""
+        client = self.client()
+        exp = self.experiment_id(client)
+        parent = self.parent_run(context.run_id, context.job_name or "adhoc")
+        run = client.create_run(exp, run_name="predictor_bundle", tags={
+            "mlflow.parentRunId": parent, "kind": "bundle", "dagster_run_id": context.run_id,
+            "asset_key": context.asset_key.to_user_string(), "git_commit": git_commit()})
+        run_id = run.info.run_id
+        from mlflow.entities import Metric
+
+        now = int(__import__("time").time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if _is_number(v)])
+        client.log_artifacts(run_id, str(bundle_dir), artifact_path="bundle")
+        client.set_terminated(run_id)
+        try:
+            client.create_registered_model(model_name)
+        except Exception:  # already registered
+            pass
+        source = f"{client.get_run(run_id).info.artifact_uri}/bundle"
+        version = client.create_model_version(model_name, source=source, run_id=run_id,
+                                              tags={"dagster_run_id": context.run_id})
+        return version.version, self.run_link(exp, run_id)
 
     def run_link(self, experiment_id: str, run_id: str) -> str:
         return f"{self.ui_url}/#/experiments/{experiment_id}/runs/{run_id}"

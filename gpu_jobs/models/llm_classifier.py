@@ -48,7 +48,7 @@ def _base_model(cfg, path: str, tokenizer, device=None):
         kwargs["attention_dropout"] = cfg.training.attention_dropout
     if quantised:
         kwargs["quantization_config"] = _quantization_config(cfg)
-        kwargs["device_map"] = {"": device if device is not None else "cpu"}
+        kwargs["device_map"] = {"": str(device) if device is not None else "cpu"}  # 4-bit weights load in place
     model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
