@@ -15,6 +15,7 @@ import dagster as dg
 from arena_pipeline.assets.bundle import build_bundle_asset
 from arena_pipeline.assets.completions import build_completion_assets
 from arena_pipeline.assets.ensembles import build_ensemble_assets
+from arena_pipeline.assets.evaluation import build_evaluation_asset
 from arena_pipeline.assets.folds import build_folds_asset
 from arena_pipeline.assets.oof import STAGE1, STAGE2, build_oof_assets
 from arena_pipeline.assets.pseudo_labels import build_pseudo_label_asset
@@ -54,6 +55,7 @@ def build_definitions(profile: Profile) -> dg.Definitions:
         build_pseudo_label_asset(profile),
         *build_oof_assets(STAGE2, profile),
         build_bundle_asset(profile),
+        build_evaluation_asset(profile),
     ]
     jobs = build_jobs(profile)
     pseudo_job = next(j for j in jobs if j.name == "pseudo_labels_job")

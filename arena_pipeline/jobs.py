@@ -30,6 +30,8 @@ def build_jobs(profile: Profile) -> list[dg.UnresolvedAssetJobDefinition]:
                             description="Regenerate completions and rebuild pseudo labels from the stage-1 models."),
         dg.define_asset_job("stage2_job", selection=stage2, partitions_def=parts,
                             description="Stage-2 training on human + pseudo labels, final ensemble and bundle."),
-        dg.define_asset_job("full_pipeline_job", selection=dg.AssetSelection.all(), partitions_def=parts,
-                            description="Everything, raw files to predictor bundle."),
+        dg.define_asset_job("full_pipeline_job", selection=dg.AssetSelection.all() - dg.AssetSelection.groups("evaluation"),
+                            partitions_def=parts, description="Everything, raw files to predictor bundle."),
+        dg.define_asset_job("evaluation_job", selection=dg.AssetSelection.groups("evaluation"),
+                            description="Leave-one-source-out evaluation and ablation table on the human-labelled sources."),
     ]

@@ -8,6 +8,7 @@ lines them up.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -122,16 +123,17 @@ class MlflowTracking(dg.ConfigurableResource):
         run = client.create_run(exp, run_name=f"{stage}/{model}/fold{fold}", tags=all_tags)
         run_id = run.info.run_id
         flat = flatten("", params, {})
-        param_list = [Param(k[:250], v[:6000]) for k, v in flat.items()]
+        param_list = [Param(mlflow_key(k), v[:6000]) for k, v in flat.items()]
         for start in range(0, len(param_list), 100):
             client.log_batch(run_id, params=param_list[start:start + 100])
         now = int(__import__("time").time() * 1000)
-        metric_list = [Metric(k, float(v), now, 0) for k, v in metrics.items() if _is_number(v)]
+        metric_list = [Metric(mlflow_key(k), float(v), now, 0) for k, v in metrics.items() if _is_number(v)]
         for row in history or []:
             step = int(row.get("step", 0))
             for key, value in row.items():
                 if key != "step" and _is_number(value):
-                    metric_list.append(Metric(f"train_{key}" if key in ("loss", "lr") else key, float(value), now, step))
+                    name = f"train_{key}" if key in ("loss", "lr") else mlflow_key(key)
+                    metric_list.append(Metric(name, float(value), now, step))
         for start in range(0, len(metric_list), 900):
             client.log_batch(run_id, metrics=metric_list[start:start + 900])
         for path in artifacts:
@@ -157,7 +159,8 @@ class MlflowTracking(dg.ConfigurableResource):
         from mlflow.entities import Metric
 
         now = int(__import__("time").time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if _is_number(v)])
+        client.log_batch(run_id, metrics=[Metric(mlflow_key(k), float(v), now, 0) for k, v in metrics.items()
+                                          if _is_number(v)])
         client.log_artifacts(run_id, str(bundle_dir), artifact_path="bundle")
         client.set_terminated(run_id)
         try:
@@ -171,6 +174,11 @@ class MlflowTracking(dg.ConfigurableResource):
 
     def run_link(self, experiment_id: str, run_id: str) -> str:
         return f"{self.ui_url}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def mlflow_key(name: str) -> str:
+    """MLflow names allow alphanumerics and _ - . space : / only (``stage1/x+tta`` -> ``stage1/x_tta``)."""
+    return re.sub(r"[^0-9A-Za-z_\-. :/]", "_", name)[:250]
 
 
 def _is_number(value) -> bool:

@@ -40,3 +40,9 @@ def test_job_runs_nest_under_one_parent_and_carry_tags(tmp_path):
     losses = client.get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in losses] == [0, 1, 2]
     assert losses[-1].value == pytest.approx(0.9)
+
+
+def test_mlflow_key_sanitises_member_names():
+    from arena_pipeline.resources.tracking import mlflow_key
+
+    assert mlflow_key("weights.stage1/features+tta") == "weights.stage1/features_tta"
