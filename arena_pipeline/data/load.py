@@ -101,25 +101,48 @@ def _read_csv(path: Path) -> pd.DataFrame:
                 f"{_first_line(warning.message)}",
                 hint="Name every column in the header, or remove the delimiter at the end of each row",
             )
-    # A file cut in the middle of its last row (outside quotes) parses "fine" with the last cells
-    # missing. Catch that case: no final newline and a missing last cell.
-    if path.suffix.lower() == ".csv" and len(df) and df.shape[1] > 1 and pd.isna(df.iloc[-1, -1]):
-        with open(path, "rb") as fh:
-            fh.seek(0, 2)
-            size = fh.tell()
-            fh.seek(max(size - 1, 0))
-            last = fh.read(1)
-        if last not in (b"\n", b"\r"):
-            row_id = df[ID_COLUMN].iloc[-1] if ID_COLUMN in df.columns else None
-            raise DataError(
-                path,
-                "the last row ends early (the cell is missing and the file has no final newline); the file "
-                "looks truncated",
-                row_id=row_id,
-                column=str(df.columns[-1]),
-                hint="Re-export or re-download the file completely",
-            )
+    # A file cut in the middle of its last row parses "fine": outside quotes the last cells are
+    # missing; inside a quoted cell pandas takes the cell as ended at the end of the file. Only a file
+    # without a final newline can be cut like that; then check for a missing last cell, an odd
+    # number of quote characters (the file ends inside a quoted cell), or a last text cell whose
+    # JSON list does not end (cut between the two quotes of an escaped "").
+    if path.suffix.lower() == ".csv" and len(df) and not _ends_with_newline(path):
+        row_id = df[ID_COLUMN].iloc[-1] if ID_COLUMN in df.columns else None
+        last = df.iloc[-1, -1]
+        if df.shape[1] > 1 and pd.isna(last):
+            problem = "the last row ends early (the cell is missing and the file has no final newline)"
+        elif _count_quotes(path) % 2:
+            problem = "the file ends inside this quoted cell (no closing quote, no final newline)"
+        elif df.columns[-1] in TEXT_COLUMNS and isinstance(last, str) and last.lstrip().startswith("[") \
+                and not _is_json(last):
+            problem = "the last cell's JSON list does not end and the file has no final newline"
+        else:
+            problem = None
+        if problem:
+            raise DataError(path, f"{problem}; the file looks truncated", row_id=row_id,
+                            column=str(df.columns[-1]), hint="Re-export or re-download the file completely")
     return df
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(0, 2)
+        size = fh.tell()
+        fh.seek(max(size - 1, 0))
+        return fh.read(1) in (b"\n", b"\r")
+
+
+def _count_quotes(path: Path) -> int:
+    with open(path, "rb") as fh:
+        return sum(block.count(b'"') for block in iter(lambda: fh.read(1 << 24), b""))
 
 
 def _read_bytes(path: Path) -> bytes:
