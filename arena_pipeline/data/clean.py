@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from arena_pipeline.data.schema import (
     GROUP_COLUMN,
@@ -25,7 +26,14 @@ from arena_pipeline.data.schema import (
 )
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# A JSON escape of a surrogate (\ud83d, \uDC00, ...); may also match an escaped backslash followed by
+# "ud8..", which only sends the cell down the general (slower, same result) path.
+_SURROGATE_ESCAPE = r"\\[uU][dD][89a-fA-F]"
+_SURROGATE_ANY = re.compile("[\ud800-\udfff]|" + _SURROGATE_ESCAPE)
+_RAW_DECODE = json.JSONDecoder().raw_decode  # json.loads without whitespace handling: (value, end)
+_ENCODE_STR = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) uses for a str
 LONG_TEXT_CHARS = 100_000
+_CHUNK_ROWS = 4096  # rows cleaned at a time (their Python strings are freed after each chunk)
 
 # Keys always present in a report (zeros included), so the metadata has a stable shape.
 REMOVED_KEYS = ("duplicate", "conflicting_duplicate_merged")
@@ -38,6 +46,21 @@ def _fix_surrogates(text: str) -> tuple[str, bool]:
     if _SURROGATE.search(text) is None:
         return text, False
     return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace"), True
+
+
+def _encode_turns(turns: list[str]) -> str:
+    """``json.dumps(turns, ensure_ascii=False)`` for a list of ``str``, without the per-call encoder set-up."""
+    return "[" + ", ".join(map(_ENCODE_STR, turns)) + "]"
+
+
+def _decode_list(cell: str):
+    """The value of a cell written as a JSON array with nothing around it; ``None`` otherwise (the
+    general path then decides)."""
+    try:
+        value, end = _RAW_DECODE(cell)
+    except (ValueError, RecursionError):
+        return None
+    return value if end == len(cell) and type(value) is list else None
 
 
 def _is_missing(value: object) -> bool:
@@ -187,6 +210,84 @@ def _name_text(value: object, flags: set[str]) -> str:
     return text
 
 
+def _clean_row(cell_p, cell_a, cell_b, fast: bool, escaped: bool, name_surrogate: bool,
+               fixed: dict[str, int], flagged: dict[str, int]) -> tuple[str, str, str, str]:
+    """The normalised prompt, response_a, response_b JSON and the group of one row; counts its
+    repairs in ``fixed`` and its flags in ``flagged``."""
+    turn_lists = None
+    if fast:
+        tp, ta, tb = _decode_list(cell_p), _decode_list(cell_a), _decode_list(cell_b)
+        if (tp and ta and tb and len(tp) == len(ta) == len(tb) and _all_str(tp) and _all_str(ta) and _all_str(tb)
+                and not (escaped and _any_surrogate((tp, ta, tb)))):
+            turn_lists = (tp, ta, tb)
+            if name_surrogate:
+                fixed["lone_surrogate"] += 1
+    if turn_lists is None:
+        parsed = [_parse(cell_p), _parse(cell_a), _parse(cell_b)]
+        row_flags = set().union(*(flags for _, flags in parsed))
+        if name_surrogate:
+            row_flags.add("lone_surrogate")
+        turn_lists = [turns for turns, _ in parsed]
+        n_turns = max(len(t) for t in turn_lists)
+        if any(len(t) != n_turns for t in turn_lists):
+            row_flags.add("turns_padded")
+            turn_lists = [t + [""] * (n_turns - len(t)) for t in turn_lists]
+        for key in row_flags:
+            fixed[key] += 1
+    prompt, resp_a, resp_b = turn_lists
+    if _blank(prompt):
+        flagged["empty_prompt"] += 1
+    if _blank(resp_a) or _blank(resp_b):
+        flagged["empty_response"] += 1
+    enc_p, enc_a, enc_b = _encode_turns(prompt), _encode_turns(resp_a), _encode_turns(resp_b)
+    # a text is never longer than its JSON: count characters only when the JSON is long
+    if len(enc_p) + len(enc_a) + len(enc_b) >= LONG_TEXT_CHARS:
+        if sum(len(t) for turns in turn_lists for t in turns) >= LONG_TEXT_CHARS:
+            flagged["text_over_100k_chars"] += 1
+    return enc_p, enc_a, enc_b, _normalise_prompt_text(prompt[0])
+
+
+def _is_arrow_str(values: pd.Series) -> bool:
+    """A pyarrow-backed string column: valid UTF-8 (no surrogates) or missing, nothing else."""
+    dtype = values.dtype
+    return isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow"
+
+
+def _plain_strings(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """``(is_str, escaped)``: cells that are ``str`` without a raw surrogate, and cells that may hold
+    a JSON-escaped surrogate (a pair, as ensure_ascii writes an emoji, or a lone one)."""
+    if _is_arrow_str(values):  # UTF-8: raw surrogates cannot occur
+        escaped = values.str.contains(_SURROGATE_ESCAPE, regex=True).to_numpy(dtype=bool, na_value=True)
+        return values.notna().to_numpy(), escaped
+    cells = values.tolist()
+    is_str = np.fromiter((type(v) is str and _SURROGATE.search(v) is None for v in cells), dtype=bool, count=len(cells))
+    escaped = np.fromiter((type(v) is str and _SURROGATE_ANY.search(v) is not None for v in cells), dtype=bool,
+                          count=len(cells))
+    return is_str, escaped
+
+
+def _any_surrogate(turn_lists) -> bool:
+    for turns in turn_lists:
+        for turn in turns:
+            if _SURROGATE.search(turn) is not None:
+                return True
+    return False
+
+
+def _all_str(items: list) -> bool:
+    for item in items:
+        if type(item) is not str:
+            return False
+    return True
+
+
+def _blank(turns: list[str]) -> bool:
+    for turn in turns:
+        if turn.strip():
+            return False
+    return True
+
+
 def _file_stem(file: str) -> str:
     name = Path(str(file).rstrip("/")).name
     return name.split(".")[0] or name
@@ -321,86 +422,129 @@ def clean_frame(
     fixed = dict.fromkeys(FIXED_KEYS, 0)
     flagged = dict.fromkeys(FLAGGED_KEYS, 0)
     n = len(out)
-    texts = {col: [""] * n for col in TEXT_COLUMNS}
-    groups = [""] * n
-    columns = [out[col].tolist() for col in TEXT_COLUMNS]
     stem = _file_stem(file)
     # model names (and the source column when no source is given): plain text, "" when missing
     name_columns = [col for col in MODEL_COLUMNS if col in out.columns]
     if source is None and SOURCE_COLUMN in out.columns:
         name_columns.append(SOURCE_COLUMN)
-    name_values = {col: out[col].tolist() for col in name_columns}
-    names = {col: [""] * n for col in name_columns}
-    for i in range(n):
-        parsed = [_parse(column[i]) for column in columns]
-        row_flags = set().union(*(flags for _, flags in parsed))
-        for col in name_columns:
-            names[col][i] = _name_text(name_values[col][i], row_flags)
-        turn_lists = [turns for turns, _ in parsed]
-        n_turns = max(len(t) for t in turn_lists)
-        if any(len(t) != n_turns for t in turn_lists):
-            row_flags.add("turns_padded")
-            turn_lists = [t + [""] * (n_turns - len(t)) for t in turn_lists]
-        for key in row_flags:
-            fixed[key] += 1
-        prompt, resp_a, resp_b = turn_lists
-        if not any(t.strip() for t in prompt):
-            flagged["empty_prompt"] += 1
-        if not any(t.strip() for t in resp_a) or not any(t.strip() for t in resp_b):
-            flagged["empty_response"] += 1
-        if sum(len(t) for turns in turn_lists for t in turns) >= LONG_TEXT_CHARS:
-            flagged["text_over_100k_chars"] += 1
-        for col, turns in zip(TEXT_COLUMNS, turn_lists):
-            texts[col][i] = json.dumps(turns, ensure_ascii=False)
-        groups[i] = _normalise_prompt_text(prompt[0])
+    names: dict[str, list[str]] = {}
+    name_surrogate = np.zeros(n, dtype=bool)  # rows whose names had a lone surrogate repaired
+    for col in name_columns:
+        if _is_arrow_str(out[col]):  # valid UTF-8 strings or missing: nothing to repair
+            names[col] = out[col].fillna("").tolist()
+            continue
+        values = []
+        for i, value in enumerate(out[col].tolist()):
+            flags: set[str] = set()
+            values.append(_name_text(value, flags))
+            if flags:
+                name_surrogate[i] = True
+        names[col] = values
 
-    result = pd.DataFrame({ID_COLUMN: pd.Series(ids.tolist(), dtype="str")})
+    # Rows whose three text cells are strings take a fast path when they turn out to be non-empty
+    # JSON lists of strings of equal length without lone surrogates: nothing to repair there.
+    # Every other row takes the general path (_parse); same results.
+    fast = np.ones(n, dtype=bool)
+    escaped = np.zeros(n, dtype=bool)
     for col in TEXT_COLUMNS:
-        result[col] = pd.Series(texts[col], dtype="str")
+        is_str, has_escape = _plain_strings(out[col])
+        fast &= is_str
+        escaped |= has_escape
+
+    # Rows are processed in chunks whose Python strings are freed (the output goes to Arrow arrays
+    # chunk by chunk): the memory stays small and warm instead of holding every cell three times.
+    # Duplicates are found on the fly (hash of the normalised texts, confirmed by comparing them).
+    keep = np.ones(n, dtype=bool)
+    kept_rows: list[int] = []  # position among the kept rows -> row
+    seen: dict[int, int | list[int]] = {}  # hash of the normalised texts -> position(s) of kept rows
+    copies: dict[int, list[int]] = {}  # first row of a duplicated text triple -> all its rows
+    chunks: tuple[list, list, list, list] = ([], [], [], [])  # Arrow arrays: prompt, response_a, response_b, group
+    done: list[pa.ChunkedArray] = []  # the finished chunks of the three text columns
+    fast_rows, escaped_rows, name_rows = fast.tolist(), escaped.tolist(), name_surrogate.tolist()
+
+    def kept_texts(pos: int, chunk_base: int, buffers) -> tuple:
+        if pos >= chunk_base:
+            return tuple(buffer[pos - chunk_base] for buffer in buffers[:3])
+        return tuple(column[pos].as_py() for column in done)
+
+    for start in range(0, n, _CHUNK_ROWS):
+        stop = min(start + _CHUNK_ROWS, n)
+        cells_p, cells_a, cells_b = (out[col].iloc[start:stop].tolist() for col in TEXT_COLUMNS)
+        buffers = buf_p, buf_a, buf_b, buf_g = [], [], [], []
+        chunk_base = len(kept_rows)
+        for j in range(stop - start):
+            i = start + j
+            enc_p, enc_a, enc_b, group = _clean_row(cells_p[j], cells_a[j], cells_b[j], fast_rows[i],
+                                                    escaped_rows[i], name_rows[i], fixed, flagged)
+            if dedupe:
+                key = hash((enc_p, enc_a, enc_b))
+                earlier = seen.get(key)
+                if earlier is not None:
+                    candidates = earlier if isinstance(earlier, list) else [earlier]
+                    same = next((pos for pos in candidates
+                                 if kept_texts(pos, chunk_base, buffers) == (enc_p, enc_a, enc_b)), None)
+                    if same is not None:
+                        first = kept_rows[same]
+                        copies.setdefault(first, [first]).append(i)
+                        keep[i] = False
+                        continue
+                    seen[key] = [*candidates, len(kept_rows)]  # same hash, other texts
+                else:
+                    seen[key] = len(kept_rows)
+            kept_rows.append(i)
+            buf_p.append(enc_p)
+            buf_a.append(enc_a)
+            buf_b.append(enc_b)
+            buf_g.append(group)
+        for chunk, buffer in zip(chunks, buffers):
+            chunk.append(pa.array(buffer, type=pa.large_string()))
+        if dedupe:
+            done = [pa.chunked_array(chunk, type=pa.large_string()) for chunk in chunks[:3]]
+        del cells_p, cells_a, cells_b, buffers, buf_p, buf_a, buf_b, buf_g
+    del seen, done
+    kept = len(kept_rows)
+
+    # De-duplication: the first row of each group of copies stays (with the merged label).
+    removed = dict.fromkeys(REMOVED_KEYS, 0)
+    for first, rows in copies.items():
+        if not labelled:
+            removed["duplicate"] += len(rows) - 1
+            continue
+        classes = labels[rows].argmax(axis=1)
+        if np.all(classes == classes[0]):
+            removed["duplicate"] += len(rows) - 1
+            continue
+        counts = np.bincount(classes, minlength=3)
+        winner = int(np.argmax(counts)) if int((counts == counts.max()).sum()) == 1 else 2
+        labels[first] = np.eye(3, dtype=np.int8)[winner]
+        removed["conflicting_duplicate_merged"] += len(rows) - 1
+
+    all_kept = bool(keep.all())
+
+    def kept_list(values: list) -> list:
+        return values if all_kept else [v for v, k in zip(values, keep) if k]
+
+    def arrow_str(arrays: list) -> pd.Series:
+        return pd.Series(pa.chunked_array(arrays, type=pa.large_string()), dtype="str")
+
+    result = pd.DataFrame({ID_COLUMN: pd.Series(kept_list(ids.tolist()), dtype="str")})
+    for col, arrays in zip(TEXT_COLUMNS, chunks[:3]):
+        result[col] = arrow_str(arrays)
     if labels is not None:
         for j, col in enumerate(LABEL_COLUMNS):
-            result[col] = labels[:, j]
+            result[col] = labels[keep, j]
     for col in MODEL_COLUMNS:
-        result[col] = pd.Series(names[col] if col in names else [""] * n, dtype="str")
+        result[col] = pd.Series(kept_list(names[col]) if col in names else [""] * kept, dtype="str")
     if source is not None:
-        result[SOURCE_COLUMN] = pd.Series([source] * n, dtype="str")
+        result[SOURCE_COLUMN] = pd.Series([source] * kept, dtype="str")
     elif SOURCE_COLUMN in names:
-        result[SOURCE_COLUMN] = pd.Series([v or stem for v in names[SOURCE_COLUMN]], dtype="str")
+        result[SOURCE_COLUMN] = pd.Series([v or stem for v in kept_list(names[SOURCE_COLUMN])], dtype="str")
     else:
-        result[SOURCE_COLUMN] = pd.Series([stem] * n, dtype="str")
-    result[GROUP_COLUMN] = pd.Series(groups, dtype="str")
+        result[SOURCE_COLUMN] = pd.Series([stem] * kept, dtype="str")
+    result[GROUP_COLUMN] = arrow_str(chunks[3])
     for col in out.columns:
         if col not in result.columns:
-            result[col] = out[col]
-
-    removed = dict.fromkeys(REMOVED_KEYS, 0)
-    key = list(TEXT_COLUMNS)
-    dup_any = result.duplicated(subset=key, keep=False).to_numpy() if dedupe else np.zeros(len(result), bool)
-    if dup_any.any():
-        group_no = result.groupby(key, sort=False).ngroup().to_numpy()
-        drop: list[int] = []
-        rows_by_group: dict[int, list[int]] = {}
-        for i in np.flatnonzero(dup_any):
-            rows_by_group.setdefault(int(group_no[i]), []).append(int(i))
-        label_cols = [result.columns.get_loc(c) for c in LABEL_COLUMNS] if labelled else []
-        for rows in rows_by_group.values():
-            first, rest = rows[0], rows[1:]
-            drop.extend(rest)
-            if not labelled:
-                removed["duplicate"] += len(rest)
-                continue
-            classes = labels[rows].argmax(axis=1)
-            if np.all(classes == classes[0]):
-                removed["duplicate"] += len(rest)
-                continue
-            counts = np.bincount(classes, minlength=3)
-            winner = int(np.argmax(counts)) if int((counts == counts.max()).sum()) == 1 else 2
-            result.iloc[first, label_cols] = np.eye(3, dtype=np.int8)[winner]
-            removed["conflicting_duplicate_merged"] += len(rest)
-        result = result.drop(index=drop).reset_index(drop=True)
-        if labelled:
-            for col in LABEL_COLUMNS:
-                result[col] = result[col].astype(np.int8)
+            result[col] = out[col] if all_kept else out[col].iloc[np.flatnonzero(keep)].reset_index(drop=True)
 
     report = CleaningReport(rows_in=rows_in, rows_out=len(result), removed=removed, fixed=fixed, flagged=flagged)
     assert report.rows_in - report.rows_out == sum(removed.values())
