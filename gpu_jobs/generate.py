@@ -157,11 +157,13 @@ class TransformersBackend:
 
     name = "transformers"
 
-    def __init__(self, folder: str, batch_size: int = 8, dtype: str = "auto"):
+    def __init__(self, folder: str, batch_size: int = 8, dtype: str = "auto", threads: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
+        if threads:
+            torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = self._pick_dtype(dtype)
         self.batch_size = batch_size
@@ -227,11 +229,14 @@ class VllmBackend:
 
     name = "vllm"
 
-    def __init__(self, folder: str, seed: int, dtype: str = "auto", max_model_len: int | None = None):
-        set_vllm_env_defaults()
+    def __init__(self, folder: str, seed: int, dtype: str = "auto", max_model_len: int | None = None,
+                 enforce_eager: bool = False, threads: int | None = None):
+        set_vllm_env_defaults(threads)
         from vllm import LLM  # lazy: only the vllm venv has it
 
-        kwargs = {"max_model_len": max_model_len} if max_model_len else {}
+        kwargs: dict = {"max_model_len": max_model_len} if max_model_len else {}
+        if enforce_eager:  # skip torch.compile warm-up: faster start, slower decoding
+            kwargs["enforce_eager"] = True
         self.llm = LLM(model=folder, dtype="bfloat16" if dtype == "auto" else dtype, seed=seed, **kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
@@ -255,12 +260,15 @@ class VllmBackend:
         return results
 
 
-def set_vllm_env_defaults() -> None:
+def set_vllm_env_defaults(threads: int | None = None) -> None:
     """DESIGN §5: offline, a 2 GB KV cache (the default fails the memory check on a small box) and OpenMP
-    threads bound to every core we may use (the default binding uses one). Values already set win."""
+    threads bound to every core we may use (the default binding uses one), or to the first ``threads``
+    of them. Values already set in the environment win."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if threads:
+        cores = cores[:threads]
     if cores == list(range(cores[0], cores[-1] + 1)):
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}")
 
@@ -291,6 +299,7 @@ class Metrics:
     temperature: float = 0.0
     top_p: float = 0.0
     seed: int = 0
+    threads: int = 0  # 0 = all cores
     per_turn_s: list[float] = field(default_factory=list)
 
 
@@ -339,8 +348,9 @@ def generate_responses(backend, ids: list[str], turns: list[list[str]], sampling
 
 def build_backend(args, folder: str):
     if args.backend == "transformers":
-        return TransformersBackend(folder, batch_size=args.batch_size, dtype=args.dtype)
-    return VllmBackend(folder, seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len)
+        return TransformersBackend(folder, batch_size=args.batch_size, dtype=args.dtype, threads=args.threads)
+    return VllmBackend(folder, seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len,
+                       enforce_eager=args.enforce_eager, threads=args.threads)
 
 
 def run(args, log=print) -> Metrics:
@@ -352,7 +362,7 @@ def run(args, log=print) -> Metrics:
     generator = f"{args.backend}:{model_display_name(args.model)}"
     metrics = Metrics(backend=args.backend, model=args.model, generator=generator, n_prompts=len(frame),
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                      seed=args.seed)
+                      seed=args.seed, threads=args.threads or 0)
 
     t0 = time.perf_counter()
     folder = resolve_model(args.model)
@@ -438,6 +448,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="only the first N prompt rows")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--max-model-len", type=int, default=None, help="vLLM context length (default: the model's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (torch threads / vLLM OpenMP cores; default: all). On a machine shared "
+                        "with other jobs, 1 can be several times faster than oversubscribed OpenMP threads")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="vLLM only: no torch.compile warm-up (shorter start-up, slower decoding)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         p.error("--max-new-tokens, --batch-size and --limit must be >= 1")
