@@ -19,10 +19,13 @@ from typing import Any
 
 import yaml
 
-try:  # written in parallel by another engineer; the neural families must not depend on it
+try:  # the neural families must not depend on the features module (its own dependencies, its own bugs)
     from gpu_jobs.models.features import FeaturesConfig
-except ImportError:  # pragma: no cover - only until features.py lands
+
+    _FEATURES_ERROR = ""
+except Exception as exc:  # noqa: BLE001  # pragma: no cover
     FeaturesConfig = None  # type: ignore[assignment,misc]
+    _FEATURES_ERROR = f"{type(exc).__name__}: {exc}"
 
 FAMILIES = ("cross_encoder", "llm_classifier", "features")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -260,7 +263,8 @@ def config_from_dict(data: dict, source: str = "<config>"):
         raise ValueError(_where(source, "family") + f" unknown family {family!r}; choose one of {FAMILIES}")
     if family == "features":
         if FeaturesConfig is None:
-            raise ValueError(_where(source, "family") + " the features family is not available (gpu_jobs/models/features.py)")
+            raise ValueError(_where(source, "family") + " the features family cannot be imported "
+                             f"(gpu_jobs/models/features.py): {_FEATURES_ERROR}")
         try:
             return FeaturesConfig.from_dict(data)
         except ValueError as exc:

@@ -192,6 +192,9 @@ def encode_frame(frame: pd.DataFrame, tokenizer, max_length: int, truncation_sid
     col_a, col_b = ("response_b", "response_a") if swap else ("response_a", "response_b")
     cells = [[parse_turns(v) for v in frame[c].tolist()] for c in ("prompt", col_a, col_b)]
     flat = [t[:max_chars] for col in cells for row in col for t in row]
+    warned = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(warned, dict):  # parts are tokenised whole on purpose; the budget is applied below
+        warned["sequence-length-is-longer-than-the-specified-maximum"] = True
     tokenised = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
     pos = 0
     per_col: list[list[list[list[int]]]] = []
