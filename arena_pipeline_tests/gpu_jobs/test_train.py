@@ -131,3 +131,25 @@ def test_train_cli_end_to_end_writes_contract_2(tmp_path):
     saved = load_config(model_dir / "config.yaml")
     assert saved.family == "cross_encoder" and saved.training.max_length == 64
     assert (model_dir / "model.safetensors").exists() and (model_dir / "tokenizer.json").exists()
+
+
+def test_features_family_is_fitted_by_the_main_process_without_a_loop(tmp_path):
+    pytest.importorskip("gpu_jobs.models.features")
+    from accelerate.state import AcceleratorState
+
+    from gpu_jobs.predict import predict_frame
+    from gpu_jobs.train import main
+
+    frame = small_frame(80, seed=2)
+    data, out = tmp_path / "train.parquet", tmp_path / "out"
+    frame.to_parquet(data)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        main(["--config", str(CONFIGS / "features.yaml"), "--fold", "2", "--data", str(data), "--output-dir", str(out)])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["family"] == "features" and metrics["n_val"] == 20 and metrics["n_steps"] == 0
+    oof = pd.read_parquet(out / "oof.parquet")
+    probs, _ = predict_frame(out / "model", frame[frame.fold == 2].reset_index(drop=True))
+    np.testing.assert_allclose(oof[["p_a", "p_b", "p_tie"]].to_numpy(), probs, atol=1e-9)
