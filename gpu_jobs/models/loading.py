@@ -79,5 +79,6 @@ def resolve_model(name: str) -> str:
     gguf = _find_one(root, "*.gguf")
     if gguf is None:
         raise FileNotFoundError(f"package '{distribution}' at {root} holds neither a transformers folder nor a .gguf file")
-    digest = hashlib.sha1(f"{gguf}:{gguf.stat().st_size}".encode()).hexdigest()[:10]
+    # keyed by the file's name and size, not its path: every venv holding the same package shares one copy
+    digest = hashlib.sha1(f"{gguf.name}:{gguf.stat().st_size}".encode()).hexdigest()[:10]
     return str(convert_gguf(gguf, model_cache_dir() / f"{distribution}-{digest}"))
