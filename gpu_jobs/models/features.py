@@ -23,6 +23,7 @@ class, with weight ``target probability x sample weight`` (the cross-entropy wit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -54,10 +55,12 @@ class FeaturesConfig:
     model: str = "logistic"  # "logistic" | "hgb"
     swap_augment: bool = True
     symmetrize: bool = True
+    n_threads: int = 1  # BLAS / OpenMP threads while fitting and predicting (0: the libraries' default)
     # hand-made features (groups: length, structure, refusal, quality, overlap, similarity, prompt)
     dense_features: bool = True
-    feature_groups: tuple[str, ...] = ("length", "structure", "refusal", "similarity", "prompt")
-    feature_clip: float = 10.0  # standardised dense features are clipped to +-this
+    feature_groups: tuple[str, ...] = ("length", "similarity", "prompt")
+    feature_clip: float = 3.0  # standardised dense features are clipped to +-this (limits extrapolation)
+    interactions: tuple[str, ...] = ()  # symmetric features that multiply every antisymmetric dense feature
     # TF-IDF on the responses, as the A - B difference
     tfidf_word: bool = False
     tfidf_word_ngram: tuple[int, int] = (1, 2)
@@ -69,7 +72,7 @@ class FeaturesConfig:
     tfidf_max_chars: int = 6000  # each response is cut to this many characters before TF-IDF
     tfidf_weight: float = 1.0  # scale of the TF-IDF block relative to the standardised dense block
     # logistic regression
-    C: float = 0.1
+    C: float = 0.01
     max_iter: int = 2000
     tol: float = 1e-4
     # histogram gradient boosting (model: hgb)
@@ -103,11 +106,11 @@ class FeaturesConfig:
             )
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
-            if key == "feature_groups":
+            if key in ("feature_groups", "interactions"):
                 if isinstance(value, str):
                     value = [value]
                 if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                    raise ValueError(f"features config key 'feature_groups' must be a list of names, got {value!r}")
+                    raise ValueError(f"features config key '{key}' must be a list of names, got {value!r}")
                 kwargs[key] = tuple(value)
                 continue
             kwargs[key] = _coerce(key, value, cls.__dataclass_fields__[key].default)
@@ -135,6 +138,8 @@ class FeaturesConfig:
         for key in positive:
             if not getattr(self, key) > 0:
                 raise ValueError(f"features config key '{key}' must be > 0, got {getattr(self, key)!r}")
+        if self.n_threads < 0:
+            raise ValueError(f"features config key 'n_threads' must be >= 0, got {self.n_threads!r}")
         at_least_one = ("max_iter", "tfidf_word_max_features", "tfidf_char_max_features", "tfidf_min_df",
                         "tfidf_max_chars", "hgb_max_iter", "hgb_min_samples_leaf")
         for key in at_least_one:
@@ -155,6 +160,7 @@ class FeaturesConfig:
         for key in self._TUPLES:
             out[key] = list(out[key])
         out["feature_groups"] = list(out["feature_groups"])
+        out["interactions"] = list(out["interactions"])
         return out
 
 
@@ -263,7 +269,7 @@ FEATURE_GROUPS: dict[str, list[str]] = {
     "refusal": ["refusal", "refusal_start", "hedges"],
     "quality": [
         "mean_word_len", "type_token_ratio", "repeated_line_frac", "repeated_trigram_frac", "question_marks",
-        "exclamations", "empty", "empty_turns", "very_short", "digit_frac", "upper_frac", "nonascii_frac",
+        "exclamations", "empty", "empty_turns", "digit_frac", "upper_frac", "nonascii_frac",
         "nonascii_mismatch", "ends_cleanly",
     ],
     "overlap": ["prompt_recall", "response_precision", "key_term_recall", "copies_prompt"],
@@ -279,7 +285,7 @@ PROMPT_FEATURES = FEATURE_GROUPS["prompt"]
 # response features that also get the symmetric |f(A) - f(B)| and f(A) + f(B) columns
 SYMMETRIC_SUBSET = [
     "log_chars", "log_lines", "headers", "bullets", "numbered", "code_blocks", "bold", "refusal", "empty",
-    "very_short", "prompt_recall", "key_term_recall", "repeated_line_frac", "nonascii_mismatch",
+    "prompt_recall", "key_term_recall", "repeated_line_frac", "nonascii_mismatch",
 ]
 
 
@@ -300,6 +306,29 @@ def _frac(count: float, total: float) -> float:
     return count / total if total else 0.0
 
 
+_WINDOW = 50  # words; ratio features are averaged over windows so that they do not just track the length
+
+
+def _type_token_ratio(words: list[str]) -> float:
+    return len(set(words)) / len(words) if words else 0.0
+
+
+def _repeated_trigram_frac(words: list[str]) -> float:
+    trigrams = list(zip(words, words[1:], words[2:]))
+    return 1.0 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
+
+
+def _windowed(words: list[str], fn) -> float:
+    """Mean of ``fn`` over consecutive windows of ``_WINDOW`` words (the last partial window joins the one
+    before). Plain ratios such as type/token fall with the length; windowed ones measure the text itself."""
+    if len(words) <= _WINDOW:
+        return fn(words)
+    starts = range(0, len(words) - _WINDOW + 1, _WINDOW)
+    windows = [words[i : i + _WINDOW] for i in starts]
+    windows[-1] = words[starts[-1] :]
+    return float(np.mean([fn(w) for w in windows]))
+
+
 def response_features(turns: list[str], prompt_turns: list[str]) -> dict[str, float]:
     """Hand-made features of one response (all turns joined) given its prompt."""
     text = "\n\n".join(turns)
@@ -310,7 +339,6 @@ def response_features(turns: list[str], prompt_turns: list[str]) -> dict[str, fl
     n_words = len(words)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
-    trigrams = list(zip(words, words[1:], words[2:]))
     p_set = set(_words(prompt))
     r_set = set(words)
     key_terms = {w for w in p_set if w not in _STOP and len(w) > 3}
@@ -337,14 +365,13 @@ def response_features(turns: list[str], prompt_turns: list[str]) -> dict[str, fl
         "refusal_start": float(bool(_REFUSAL.search(stripped[:200]))),
         "hedges": log_count(_HEDGE),
         "mean_word_len": (sum(len(w) for w in words) / n_words) if n_words else 0.0,
-        "type_token_ratio": (len(r_set) / n_words) if n_words else 0.0,
+        "type_token_ratio": _windowed(words, _type_token_ratio),
         "repeated_line_frac": (1.0 - len(set(lines)) / len(lines)) if lines else 0.0,
-        "repeated_trigram_frac": (1.0 - len(set(trigrams)) / len(trigrams)) if trigrams else 0.0,
+        "repeated_trigram_frac": _windowed(words, _repeated_trigram_frac),
         "question_marks": float(np.log1p(text.count("?") + text.count("？"))),
         "exclamations": float(np.log1p(text.count("!"))),
         "empty": float(not stripped),
         "empty_turns": _frac(sum(not t.strip() for t in turns), len(turns)),
-        "very_short": float(len(stripped) < 20),
         "digit_frac": _frac(len(_DIGIT.findall(text)), n_chars),
         "upper_frac": len(_UPPER.findall(text)) / n_letters,
         "nonascii_frac": nonascii,
@@ -512,11 +539,24 @@ class FeaturesModel:
                 sd = sym.std(axis=0) if len(sym) else np.ones(sym.shape[1])
                 self.sym_scale = np.where(sd > 1e-12, sd, 1.0)
             clip = cfg.feature_clip
-            anti_blocks.append(np.clip(anti / self.anti_scale, -clip, clip))
-            sym_blocks.append(np.clip((sym - self.sym_mean) / self.sym_scale, -clip, clip))
+            anti = np.clip(anti / self.anti_scale, -clip, clip)
+            sym = np.clip((sym - self.sym_mean) / self.sym_scale, -clip, clip)
             a_names, s_names = dense_feature_names(cfg.feature_groups)
+            anti_blocks.append(anti)
+            sym_blocks.append(sym)
             names_anti += a_names
             names_sym += s_names
+            # interactions: antisymmetric x symmetric context is antisymmetric (e.g. the length difference
+            # matters differently when both answers are short)
+            for ctx in cfg.interactions:
+                if ctx not in s_names:
+                    raise ValueError(
+                        f"features config key 'interactions': {ctx!r} is not a symmetric feature of the chosen "
+                        f"groups; choose from {s_names}"
+                    )
+                col = sym[:, s_names.index(ctx)][:, None]
+                anti_blocks.append(anti * col)
+                names_anti += [f"{a}*{ctx}" for a in a_names]
         tfidf = None
         if cfg.tfidf_word or cfg.tfidf_char:
             ta, tb = self._texts(parsed)
@@ -551,11 +591,21 @@ class FeaturesModel:
 
     # ---------------------------------------------------------------- fit / predict
 
+    def _threads(self):
+        from threadpoolctl import threadpool_limits
+
+        # the matrices are small: one thread is faster than a BLAS pool fighting other processes for cores
+        return threadpool_limits(self.cfg.n_threads) if self.cfg.n_threads > 0 else contextlib.nullcontext()
+
     def fit(self, frame: pd.DataFrame, targets: np.ndarray, sample_weight: np.ndarray | None = None) -> "FeaturesModel":
         """Fit on ``frame`` (data contract columns) and ``targets`` (n, 3) probabilities (A, B, tie).
 
         Targets may be soft (pseudo labels); each row becomes three rows weighted by target x sample weight.
         """
+        with self._threads():
+            return self._fit(frame, targets, sample_weight)
+
+    def _fit(self, frame: pd.DataFrame, targets: np.ndarray, sample_weight: np.ndarray | None) -> "FeaturesModel":
         t0 = time.perf_counter()
         cfg = self.cfg
         n = len(frame)
@@ -670,6 +720,10 @@ class FeaturesModel:
             raise RuntimeError("FeaturesModel.predict_proba called before fit() or load()")
         if len(frame) == 0:
             return np.zeros((0, 3))
+        with self._threads():
+            return self._predict(frame)
+
+    def _predict(self, frame: pd.DataFrame) -> np.ndarray:
         parsed = parse_frame(frame)
         p = self._predict_parsed(parsed)
         if self.cfg.model == "hgb" and self.cfg.symmetrize:
