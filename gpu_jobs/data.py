@@ -4,14 +4,15 @@ Text of one pair, per turn (DESIGN §1):
     <PROMPT>p</PROMPT><RESPONSE A>a</RESPONSE A><RESPONSE B>b</RESPONSE B>
 When the conversation does not fit ``max_length`` tokens, whole turns are dropped from one side
 (``truncation_side: left`` drops the earliest turns, keeping the latest; ``right`` drops the latest), and
-the turn at the edge is kept with all three parts trimmed proportionally to their lengths, so response B
-is never cut off while A and the prompt survive.
+the turn at the edge is kept with all three parts trimmed proportionally to their lengths (each non-empty
+part keeping at least a few tokens), so response B is never cut off while A and the prompt survive.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -103,8 +104,22 @@ def swap_frame(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------ text
+_SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """``text`` with every lone surrogate (e.g. from a JSON escape ``"\\ud83d"`` without its pair) replaced
+    by U+FFFD, which the tokenizers cannot encode; a high + low pair left as two code points is joined."""
+    if not _SURROGATE_RE.search(text):
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
 def parse_turns(value) -> list[str]:
-    """A contract-1 text cell (JSON list of strings, one per turn) as a list; plain strings are one turn."""
+    """A contract-1 text cell (JSON list of strings, one per turn) as a list; plain strings are one turn.
+
+    Never raises on odd cells: text that is not JSON, or JSON nested too deeply to parse (thousands of
+    ``[``), is one plain-text turn; lone surrogates become U+FFFD."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return [""]
     if isinstance(value, (list, tuple, np.ndarray)):
@@ -112,11 +127,15 @@ def parse_turns(value) -> list[str]:
     else:
         try:
             items = json.loads(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             items = [value]
         if not isinstance(items, list):
             items = [items]
-    return ["" if v is None else str(v) for v in items] or [""]
+    try:
+        turns = ["" if v is None else str(v) for v in items] or [""]
+    except RecursionError:  # a nested list just shallow enough to parse, too deep to print
+        turns = [str(value)]
+    return [clean_text(t) for t in turns]
 
 
 def _special_wrap(tokenizer) -> tuple[list[int], list[int]]:
@@ -139,15 +158,27 @@ def _tag_ids(tokenizer) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TAGS]
 
 
+MIN_PART_TOKENS = 8  # a trimmed non-empty part keeps at least min(its length, this) tokens when room allows
+
+
 def _trim_parts(parts: list[list[int]], room: int) -> list[list[int]]:
-    """Cut the parts (keeping each one's beginning) so they total ``room`` tokens, proportionally to length."""
+    """Cut the parts (keeping each one's beginning) so they total ``room`` tokens.
+
+    Every non-empty part first gets a floor of ``min(len, MIN_PART_TOKENS)`` tokens (the floor is lowered to
+    ``room // n_non_empty`` when room is short), so a short "Yes" next to a long prompt and a long other
+    response is not rounded away; the rest of the room is shared proportionally to the remaining lengths.
+    Only lengths decide the shares, so A and B are treated alike and swapping them gives exactly the swapped
+    token sequence."""
     total = sum(len(p) for p in parts)
     if total <= room:
         return parts
     room = max(room, 0)
-    keep = [len(p) * room // total for p in parts]
-    # the rounding remainder (<= 2 tokens) goes to the prompt only, so that A and B are treated alike and
-    # swapping them gives exactly the swapped token sequence
+    non_empty = sum(1 for p in parts if p)
+    floor = min(MIN_PART_TOKENS, room // max(non_empty, 1))
+    base = [min(len(p), floor) for p in parts]
+    rest, left = room - sum(base), total - sum(base)  # left > 0 since total > room >= sum(base)
+    keep = [b + (len(p) - b) * rest // left for p, b in zip(parts, base)]
+    # the rounding remainder (<= 2 tokens) goes to the prompt only, so that A and B are treated alike
     keep[0] = min(len(parts[0]), keep[0] + room - sum(keep))
     return [p[:k] for p, k in zip(parts, keep)]
 
