@@ -245,6 +245,7 @@ _BOLD = re.compile(r"\*\*[^*\n]+\*\*|__[^_\n]+__")
 _INLINE_CODE = re.compile(r"(?<!`)`[^`\n]+`(?!`)")
 _TABLE_ROW = re.compile(r"^\s*\|.*\|\s*$", re.M)
 _URL = re.compile(r"https?://\S+")
+_PARAGRAPH_SPLIT = re.compile(r"\n\s*\n")
 _SENTENCE_END = re.compile(r"[.!?。！？](\s|$)")
 _REFUSAL = re.compile(
     r"\b(i'?m sorry|i am sorry|i apologi[sz]e|as an ai\b|as a language model|as an ai language model|"
@@ -329,59 +330,76 @@ def _windowed(words: list[str], fn) -> float:
     return float(np.mean([fn(w) for w in windows]))
 
 
-def response_features(turns: list[str], prompt_turns: list[str]) -> dict[str, float]:
-    """Hand-made features of one response (all turns joined) given its prompt."""
+def response_features(
+    turns: list[str], prompt_turns: list[str], groups: tuple[str, ...] | list[str] = RESPONSE_GROUPS
+) -> dict[str, float]:
+    """Hand-made features of one response (all turns joined) given its prompt; only the groups asked for
+    are computed (the regular expressions are most of the cost)."""
     text = "\n\n".join(turns)
-    prompt = "\n\n".join(prompt_turns)
-    n_chars = len(text)
     stripped = text.strip()
+    n_chars = len(text)
     words = _words(text)
     n_words = len(words)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
-    p_set = set(_words(prompt))
-    r_set = set(words)
-    key_terms = {w for w in p_set if w not in _STOP and len(w) > 3}
-    n_letters = len(_LETTER.findall(text)) or 1
-    nonascii = _frac(_n_nonascii(text), n_chars)
-    p_nonascii = _frac(_n_nonascii(prompt), len(prompt))
     log_count = lambda pattern: float(np.log1p(len(pattern.findall(text))))  # noqa: E731
-    return {
-        "log_chars": float(np.log1p(n_chars)),
-        "log_words": float(np.log1p(n_words)),
-        "log_lines": float(np.log1p(len(lines))),
-        "log_paragraphs": float(np.log1p(len(paragraphs))),
-        "log_sentences": log_count(_SENTENCE_END),
-        "log_chars_last_turn": float(np.log1p(len(turns[-1]) if turns else 0)),
-        "headers": log_count(_HEADER),
-        "bullets": log_count(_BULLET),
-        "numbered": log_count(_NUMBERED),
-        "code_blocks": float(np.log1p(text.count("```") // 2)),
-        "inline_code": log_count(_INLINE_CODE),
-        "bold": log_count(_BOLD),
-        "table_rows": log_count(_TABLE_ROW),
-        "urls": log_count(_URL),
-        "refusal": log_count(_REFUSAL),
-        "refusal_start": float(bool(_REFUSAL.search(stripped[:200]))),
-        "hedges": log_count(_HEDGE),
-        "mean_word_len": (sum(len(w) for w in words) / n_words) if n_words else 0.0,
-        "type_token_ratio": _windowed(words, _type_token_ratio),
-        "repeated_line_frac": (1.0 - len(set(lines)) / len(lines)) if lines else 0.0,
-        "repeated_trigram_frac": _windowed(words, _repeated_trigram_frac),
-        "question_marks": float(np.log1p(text.count("?") + text.count("？"))),
-        "exclamations": float(np.log1p(text.count("!"))),
-        "empty": float(not stripped),
-        "empty_turns": _frac(sum(not t.strip() for t in turns), len(turns)),
-        "digit_frac": _frac(len(_DIGIT.findall(text)), n_chars),
-        "upper_frac": len(_UPPER.findall(text)) / n_letters,
-        "nonascii_frac": nonascii,
-        "nonascii_mismatch": abs(nonascii - p_nonascii),
-        "ends_cleanly": float(bool(stripped) and stripped[-1] in ".!?)]}\"'`*。！？:；;"),
-        "prompt_recall": _frac(len(p_set & r_set), len(p_set)),
-        "response_precision": _frac(len(p_set & r_set), len(r_set)),
-        "key_term_recall": _frac(len(key_terms & r_set), len(key_terms)),
-        "copies_prompt": float(len(stripped) > 20 and stripped.lower() in prompt.lower()),
-    }
+    out: dict[str, float] = {}
+    if "length" in groups:
+        out.update({
+            "log_chars": float(np.log1p(n_chars)),
+            "log_words": float(np.log1p(n_words)),
+            "log_lines": float(np.log1p(len(lines))),
+            "log_paragraphs": float(np.log1p(sum(1 for p in _PARAGRAPH_SPLIT.split(text) if p.strip()))),
+            "log_sentences": log_count(_SENTENCE_END),
+            "log_chars_last_turn": float(np.log1p(len(turns[-1]) if turns else 0)),
+        })
+    if "structure" in groups:
+        out.update({
+            "headers": log_count(_HEADER),
+            "bullets": log_count(_BULLET),
+            "numbered": log_count(_NUMBERED),
+            "code_blocks": float(np.log1p(text.count("```") // 2)),
+            "inline_code": log_count(_INLINE_CODE),
+            "bold": log_count(_BOLD),
+            "table_rows": log_count(_TABLE_ROW),
+            "urls": log_count(_URL),
+        })
+    if "refusal" in groups:
+        out.update({
+            "refusal": log_count(_REFUSAL),
+            "refusal_start": float(bool(_REFUSAL.search(stripped[:200]))),
+            "hedges": log_count(_HEDGE),
+        })
+    if "quality" in groups or "overlap" in groups:
+        prompt = "\n\n".join(prompt_turns)
+    if "quality" in groups:
+        n_letters = len(_LETTER.findall(text)) or 1
+        nonascii = _frac(_n_nonascii(text), n_chars)
+        out.update({
+            "mean_word_len": (sum(len(w) for w in words) / n_words) if n_words else 0.0,
+            "type_token_ratio": _windowed(words, _type_token_ratio),
+            "repeated_line_frac": (1.0 - len(set(lines)) / len(lines)) if lines else 0.0,
+            "repeated_trigram_frac": _windowed(words, _repeated_trigram_frac),
+            "question_marks": float(np.log1p(text.count("?") + text.count("？"))),
+            "exclamations": float(np.log1p(text.count("!"))),
+            "empty": float(not stripped),
+            "empty_turns": _frac(sum(not t.strip() for t in turns), len(turns)),
+            "digit_frac": _frac(len(_DIGIT.findall(text)), n_chars),
+            "upper_frac": len(_UPPER.findall(text)) / n_letters,
+            "nonascii_frac": nonascii,
+            "nonascii_mismatch": abs(nonascii - _frac(_n_nonascii(prompt), len(prompt))),
+            "ends_cleanly": float(bool(stripped) and stripped[-1] in ".!?)]}\"'`*。！？:；;"),
+        })
+    if "overlap" in groups:
+        p_set = set(_words(prompt))
+        r_set = set(words)
+        key_terms = {w for w in p_set if w not in _STOP and len(w) > 3}
+        out.update({
+            "prompt_recall": _frac(len(p_set & r_set), len(p_set)),
+            "response_precision": _frac(len(p_set & r_set), len(r_set)),
+            "key_term_recall": _frac(len(key_terms & r_set), len(key_terms)),
+            "copies_prompt": float(len(stripped) > 20 and stripped.lower() in prompt.lower()),
+        })
+    return out
 
 
 def prompt_features(prompt_turns: list[str]) -> dict[str, float]:
@@ -444,8 +462,9 @@ def dense_features(parsed: dict[str, list[list[str]]], groups=None, with_swapped
     anti_cols: list[np.ndarray] = []
     sym_cols: list[np.ndarray] = []
     if resp:
-        fa_d = [response_features(a, p) for p, a, _ in rows]
-        fb_d = [response_features(b, p) for p, _, b in rows]
+        needed = tuple(g for g in RESPONSE_GROUPS if g in groups)
+        fa_d = [response_features(a, p, needed) for p, a, _ in rows]
+        fb_d = [response_features(b, p, needed) for p, _, b in rows]
         fa = np.asarray([[f[x] for x in resp] for f in fa_d], dtype=np.float64).reshape(n, len(resp))
         fb = np.asarray([[f[x] for x in resp] for f in fb_d], dtype=np.float64).reshape(n, len(resp))
         d = fa - fb
