@@ -52,7 +52,7 @@ class TrainingConfig:
     group_by_length: bool = True
     swap_augment: bool = False  # also train on every row with A and B swapped
     max_train_rows: int | None = None  # seeded subsample of the training rows (smoke runs)
-    checkpoint_every_steps: int | None = None  # reserved: resumable checkpoints are a later issue
+    checkpoint_every_steps: int | None = None  # resumable checkpoints in OUT.ckpt/ every N optimiser steps
 
 
 @dataclass
@@ -117,8 +117,8 @@ class _NeuralConfig:
             ("training.attention_dropout", t.attention_dropout is None or 0 <= t.attention_dropout < 1,
              "must be in [0, 1) or null"),
             ("training.max_train_rows", t.max_train_rows is None or t.max_train_rows >= 1, "must be >= 1 or null"),
-            ("training.checkpoint_every_steps", t.checkpoint_every_steps is None,
-             "step checkpoints are not implemented yet; leave it null"),
+            ("training.checkpoint_every_steps", t.checkpoint_every_steps is None or t.checkpoint_every_steps >= 1,
+             "must be >= 1 or null"),
             ("inference.max_length", self.inference.max_length >= 16, "must be >= 16"),
             ("inference.batch_size", self.inference.batch_size >= 1, "must be >= 1"),
             ("text.truncation_side", self.text.truncation_side in ("left", "right"), "must be 'left' or 'right'"),
@@ -262,6 +262,7 @@ def config_from_dict(data: dict, source: str = "<config>"):
     if family not in FAMILIES:
         raise ValueError(_where(source, "family") + f" unknown family {family!r}; choose one of {FAMILIES}")
     if family == "features":
+        data = _drop_checkpoint_setting(data, source)
         if FeaturesConfig is None:
             raise ValueError(_where(source, "family") + " the features family cannot be imported "
                              f"(gpu_jobs/models/features.py): {_FEATURES_ERROR}")
@@ -272,6 +273,16 @@ def config_from_dict(data: dict, source: str = "<config>"):
     cfg = _build(FAMILY_CLASSES[family], data, source)
     cfg.validate(source)
     return cfg
+
+
+def _drop_checkpoint_setting(data: dict, source: str) -> dict:
+    """The features family fits in seconds: ``training.checkpoint_every_steps`` is accepted (checked) and ignored."""
+    training = data.get("training")
+    if not isinstance(training, dict) or "checkpoint_every_steps" not in training:
+        return data
+    training = dict(training)
+    _check_value(training.pop("checkpoint_every_steps"), int | None, source, "training.checkpoint_every_steps")
+    return {**data, "training": training}
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None):

@@ -7,6 +7,12 @@ Everything is written to ``OUT.partial/`` and renamed to ``OUT/`` only when the 
 ``model/`` (weights or adapter + head + tokenizer + resolved config.yaml), ``oof.parquet``
 (+ ``oof_tta.parquet``), ``pred_<NAME>.parquet`` (+ ``_tta``), ``metrics.json``, ``history.jsonl``.
 
+With ``training.checkpoint_every_steps: N`` the neural loop saves a resumable checkpoint every N optimiser
+steps into ``OUT.ckpt/step-<n>/`` (trainable weights, optimizer, scheduler, RNG states, step, epoch and
+position in the epoch's seeded batch order; written as ``OUT.ckpt/.tmp-step-<n>/`` and renamed, with a
+completion marker; the last 2 are kept). A job re-launched with the same arguments resumes from the latest
+complete checkpoint, and ``OUT.ckpt`` is removed once ``OUT`` is published.
+
 The neural families share one loop: an ``accelerate.Accelerator`` does device placement, bf16 autocast
 (``mixed_precision``), gradient accumulation and process groups; the rest is plain PyTorch. The
 ``features`` family is fitted and applied by the main process, no loop.
@@ -15,9 +21,11 @@ The neural families share one loop: an ``accelerate.Accelerator`` does device pl
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import random
 import re
 import shutil
 import sys
@@ -29,7 +37,7 @@ import pandas as pd
 import torch
 
 from gpu_jobs import data as D
-from gpu_jobs.config import load_config, save_config
+from gpu_jobs.config import config_to_dict, load_config, save_config
 from gpu_jobs.pipes import clean_metadata, open_pipes
 from gpu_jobs.predict import family_module, predict_loaded, prediction_frame, write_parquet
 
@@ -102,9 +110,191 @@ def log_losses(probs: np.ndarray, y: np.ndarray) -> dict[str, float | None]:
     return out
 
 
+# ------------------------------------------------------------------------------------------ checkpoints
+CKPT_MARKER = "checkpoint.json"  # written last, listing every file with its size: no marker, no checkpoint
+CKPT_KEEP = 2
+CKPT_RE = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".ckpt")
+
+
+def job_fingerprint(cfg, data_path: Path, fold: int, num_processes: int) -> str:
+    """What a checkpoint must match to be resumed: resolved config (bar the checkpoint interval), fold,
+    the data file's bytes and the process count (it shards the batches)."""
+    config = config_to_dict(cfg)
+    config.get("training", {}).pop("checkpoint_every_steps", None)
+    h = hashlib.sha256(json.dumps({"config": config, "fold": fold, "num_processes": num_processes},
+                                  sort_keys=True, default=str).encode())
+    with open(data_path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _capture_rng() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover  (platforms without directory fds)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint(path: Path, fingerprint: str) -> dict | None:
+    """The marker of a complete checkpoint folder of this job, else None (missing or unreadable marker,
+    another job's fingerprint, a missing or truncated file)."""
+    m = CKPT_RE.match(path.name)
+    if m is None or not path.is_dir():
+        return None
+    try:
+        meta = json.loads((path / CKPT_MARKER).read_text())
+        if not (meta.get("complete") is True and meta.get("step") == int(m.group(1))
+                and meta.get("fingerprint") == fingerprint):
+            return None
+        for name, size in meta["files"].items():
+            if (path / name).stat().st_size != size:
+                return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return meta
+
+
+def find_checkpoint(ckpt_dir: Path, fingerprint: str) -> tuple[Path, dict] | None:
+    """The latest complete checkpoint of this job in ``ckpt_dir``; incomplete or foreign folders are skipped."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = [(meta["step"], path, meta) for path in ckpt_dir.iterdir()
+             if (meta := read_checkpoint(path, fingerprint)) is not None]
+    if not found:
+        return None
+    _, path, meta = max(found, key=lambda x: x[0])
+    return path, meta
+
+
+class Checkpointer:
+    """Saves and finds the resumable checkpoints of one job (every process calls every method)."""
+
+    def __init__(self, accelerator, ckpt_dir: Path, every: int, fingerprint: str, keep: int = CKPT_KEEP):
+        self.acc, self.dir, self.every, self.fingerprint, self.keep = accelerator, ckpt_dir, every, fingerprint, keep
+        self._trainable: set[str] = set()
+        self._hook = None
+
+    # -- saving only the trainable tensors (the adapter and head of a LoRA model, everything when fully tuned)
+    def attach(self, model) -> None:
+        self._trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+
+        def keep_trainable(models, weights, output_dir):
+            for i, w in enumerate(weights):
+                weights[i] = {k: v for k, v in w.items() if k in self._trainable}
+
+        self._hook = self.acc.register_save_state_pre_hook(keep_trainable)
+
+    def latest(self) -> tuple[Path, dict] | None:
+        """The checkpoint to resume from, decided by the main process and shared with the others."""
+        found = find_checkpoint(self.dir, self.fingerprint) if self.acc.is_main_process else None
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            found = broadcast_object_list([found])[0]
+        if found is None and self.acc.is_main_process and self.dir.exists():
+            shutil.rmtree(self.dir, ignore_errors=True)  # nothing here this job can use
+        self.acc.wait_for_everyone()
+        return found
+
+    def load(self, path: Path) -> dict:
+        """Weights, optimizer, scheduler and accelerate's counters from ``path``; returns this rank's state
+        (RNG to re-apply once the epoch's data iterator exists, examples seen)."""
+        self.acc.load_state(str(path), strict=False)  # only the trainable tensors are in the checkpoint
+        weights = path / "model.safetensors"
+        if weights.exists():
+            from safetensors import safe_open
+
+            with safe_open(str(weights), framework="pt") as fh:
+                missing = self._trainable - set(fh.keys())
+            if missing:
+                raise RuntimeError(f"{path}: checkpoint lacks {len(missing)} trainable tensor(s), "
+                                   f"e.g. {sorted(missing)[:3]}; remove {self.dir} to start over")
+        return torch.load(path / f"rank_state_{self.acc.process_index}.pt", weights_only=False)
+
+    def save(self, step: int, epoch: int, batch_in_epoch: int, seen: int, train_s: float,
+             history_path: Path | None) -> Path:
+        acc, main = self.acc, self.acc.is_main_process
+        tmp, final = self.dir / f".tmp-step-{step}", self.dir / f"step-{step}"
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        torch.save({"rng": _capture_rng(), "seen": seen}, tmp / f"rank_state_{acc.process_index}.pt")
+        acc.wait_for_everyone()
+        if main:
+            if history_path is not None:
+                shutil.copyfile(history_path, tmp / "history.jsonl")
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            meta = {"complete": True, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                    "train_s": train_s, "num_processes": acc.num_processes, "fingerprint": self.fingerprint,
+                    "files": files}
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb+") as fh:
+                        os.fsync(fh.fileno())
+            with open(tmp / CKPT_MARKER, "w") as fh:
+                json.dump(meta, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+            if final.exists():  # an incomplete leftover with this step's name (a complete one was resumed past)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+            self._rotate()
+        acc.wait_for_everyone()
+        return final
+
+    def _rotate(self) -> None:
+        """Keep the last ``keep`` complete checkpoints; drop older ones, temporaries and incomplete folders."""
+        complete = sorted((meta["step"], path) for path in self.dir.iterdir()
+                          if (meta := read_checkpoint(path, self.fingerprint)) is not None)
+        keep = {path for _, path in complete[-self.keep:]}
+        for path in self.dir.iterdir():
+            if path not in keep:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
 # ------------------------------------------------------------------------------------------ training
-def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accelerator, history_path: Path | None):
-    """The training loop. Returns (unwrapped model, tokenizer, stats)."""
+def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accelerator, history_path: Path | None,
+               checkpointer: Checkpointer | None = None, log=None):
+    """The training loop. Returns (unwrapped model, tokenizer, stats).
+
+    With a ``checkpointer`` the loop first resumes from the job's latest complete checkpoint, if any
+    (batches already done in that epoch are skipped: the order is seeded), and saves one every
+    ``checkpointer.every`` optimiser steps."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -130,15 +320,41 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
-    history = open(history_path, "w") if history_path is not None else None
-    progress = tqdm(total=math.ceil(len(loader) / t.grad_accum) * t.epochs, desc=f"train {cfg.name}",
+    # ---- resume
+    step, seen, step_losses, prior_train_s = 0, 0, [], 0.0
+    start_epoch, skip_batches, resume_rng, resumed_from = 0, 0, None, 0
+    if checkpointer is not None:
+        checkpointer.attach(model)
+        found = checkpointer.latest()
+        if found is not None:
+            path, meta = found
+            rank_state = checkpointer.load(path)
+            step, start_epoch, skip_batches = meta["step"], meta["epoch"], meta["batch_in_epoch"]
+            seen, prior_train_s, resume_rng, resumed_from = rank_state["seen"], meta["train_s"], rank_state["rng"], step
+            lines = (path / "history.jsonl").read_text().splitlines()
+            past = [json.loads(line) for line in lines if line.strip()][:step]
+            step_losses = [h["loss"] for h in past]
+            if history_path is not None:  # the steps up to the checkpoint; later ones are redone
+                history_path.write_text("".join(json.dumps(h) + "\n" for h in past))
+            if log is not None:
+                log.info(f"resumed_from_step {step}: {path} (epoch {start_epoch}, batch {skip_batches} of "
+                         f"{len(loader)})")
+
+    history = open(history_path, "a" if resumed_from else "w") if history_path is not None else None
+    progress = tqdm(total=math.ceil(len(loader) / t.grad_accum) * t.epochs, initial=step, desc=f"train {cfg.name}",
                     disable=not accelerator.is_local_main_process)
-    step, seen, micro_losses, step_losses = 0, 0, [], []
+    micro_losses = []
     model.train()
     t0 = time.perf_counter()
-    for epoch in range(t.epochs):
+    for epoch in range(start_epoch, t.epochs):
         sampler.set_epoch(epoch)
-        for batch in loader:
+        skip = skip_batches if epoch == start_epoch else 0
+        for batch_idx, batch in enumerate(loader):
+            if resume_rng is not None:  # the epoch's iterator has drawn its seed: now the saved RNG state
+                _restore_rng(resume_rng)
+                resume_rng = None
+            if batch_idx < skip:  # done before the checkpoint
+                continue
             with accelerator.accumulate(model):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 loss = soft_cross_entropy(logits, batch["targets"], batch["weight"])
@@ -161,16 +377,21 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
                     history.flush()
                 progress.update(1)
                 progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-                # resumable checkpoints (training.checkpoint_every_steps) will hook in here
+                if checkpointer is not None and step % checkpointer.every == 0:
+                    checkpointer.save(step, epoch, batch_idx + 1, seen,
+                                      prior_train_s + time.perf_counter() - t0, history_path)
     train_s = time.perf_counter() - t0
     progress.close()
     if history is not None:
         history.close()
+    if checkpointer is not None:
+        checkpointer.close()
     seen_all = int(accelerator.reduce(torch.tensor(seen, device=accelerator.device), reduction="sum").item())
     stats = {
-        "train_examples_per_s": seen_all / max(train_s, 1e-9),
-        "train_s": train_s,
+        "train_examples_per_s": seen_all / max(prior_train_s + train_s, 1e-9),
+        "train_s": prior_train_s + train_s,
         "n_steps": step,
+        "resumed_from_step": resumed_from,
         "first_train_loss": step_losses[0] if step_losses else None,
         # mean of the last 10 % of steps (at least 1): one step is too noisy to compare runs by
         "final_train_loss": float(np.mean(step_losses[-max(1, len(step_losses) // 10):])) if step_losses else None,
@@ -187,7 +408,7 @@ def fit_features(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray):
     model = FeaturesModel(cfg).fit(train_df, y, sample_weight=w)
     train_s = time.perf_counter() - t0
     return model, {"train_examples_per_s": len(train_df) / max(train_s, 1e-9), "train_s": train_s, "n_steps": 0,
-                   "first_train_loss": None, "final_train_loss": None}
+                   "resumed_from_step": 0, "first_train_loss": None, "final_train_loss": None}
 
 
 # ------------------------------------------------------------------------------------------ the job
@@ -225,8 +446,14 @@ def run(args: argparse.Namespace, cfg, accelerator, pipes) -> dict:
             model, stats = fit_features(cfg, train_df, y, w)
             (partial / "history.jsonl").touch()
     else:
+        every = cfg.training.checkpoint_every_steps
+        checkpointer = None
+        if every:
+            fingerprint = job_fingerprint(cfg, Path(args.data), args.fold, accelerator.num_processes)
+            checkpointer = Checkpointer(accelerator, checkpoint_dir(out), every, fingerprint)
         model, tokenizer, stats = fit_neural(cfg, train_df, y, w, accelerator,
-                                             partial / "history.jsonl" if main_proc else None)
+                                             partial / "history.jsonl" if main_proc else None,
+                                             checkpointer=checkpointer, log=pipes.log)
 
     if main_proc:  # save the model before predicting: a crash in prediction should not lose it
         if cfg.family == "features":
@@ -266,7 +493,8 @@ def run(args: argparse.Namespace, cfg, accelerator, pipes) -> dict:
             "wall_s": time.perf_counter() - t_start,
             "n_train": len(train_df), "n_val": len(val_df),
             "final_train_loss": stats["final_train_loss"], "first_train_loss": stats["first_train_loss"],
-            "n_steps": stats["n_steps"], "fold": args.fold, "family": cfg.family, "name": cfg.name,
+            "n_steps": stats["n_steps"], "resumed_from_step": stats["resumed_from_step"],
+            "fold": args.fold, "family": cfg.family, "name": cfg.name,
             "num_processes": accelerator.num_processes,
         }
         if probs_tta is not None:
@@ -275,6 +503,7 @@ def run(args: argparse.Namespace, cfg, accelerator, pipes) -> dict:
         with open(partial / "metrics.json", "w") as fh:
             json.dump(metrics, fh, indent=2)
         _publish(partial, out)
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # OUT is complete: nothing left to resume
         pipes.log.info(f"{cfg.name} fold {args.fold}: val_log_loss {metrics['val_log_loss']:.4f}, "
                        f"accuracy {metrics['val_accuracy']:.3f} -> {out}")
         pipes.report_asset_materialization(metadata=clean_metadata({**metrics, "output_dir": str(out)}))

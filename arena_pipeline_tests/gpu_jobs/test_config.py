@@ -72,7 +72,7 @@ def test_to_dict_is_the_full_resolved_config():
     (SMOLLM, ["lora.dropout=1.5"], "lora.dropout"),
     (SMOLLM, ["lora=null", "quantization.load_in_4bit=true"], "quantization.load_in_4bit"),  # 4-bit without LoRA
     (SMOLLM, ["quantization.compute_dtype=int3"], "quantization.compute_dtype"),
-    (SMOLLM, ["training.checkpoint_every_steps=100"], "training.checkpoint_every_steps"),
+    (SMOLLM, ["training.checkpoint_every_steps=0"], "training.checkpoint_every_steps"),
 ])
 def test_bad_values_name_the_file_and_the_key(path, overrides, key):
     with pytest.raises(ValueError) as err:
