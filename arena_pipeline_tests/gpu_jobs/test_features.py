@@ -236,7 +236,7 @@ def test_interactions_stay_swap_equivariant(train, test_rows):
         FeaturesModel(bad).fit(rows, rows[LABELS].to_numpy(float))
 
 
-def test_hgb_runs_and_is_swap_consistent(train, test_rows):
+def test_hgb_runs_and_is_swap_consistent(train, test_rows, tmp_path):
     cfg = FeaturesConfig.from_dict(
         {**SMALL, "model": "hgb", "hgb_max_iter": 20, "hgb_svd_components": 8, "tfidf_word": True,
          "feature_groups": ["length", "quality"]}
@@ -248,3 +248,7 @@ def test_hgb_runs_and_is_swap_consistent(train, test_rows):
     assert np.abs(p - ps).max() < 1e-9
     y = test_rows[LABELS].to_numpy().argmax(1)
     assert _ll(y, p) < np.log(3)
+    # trees round-trip through skops (their TreePredictor type is on the allow-list)
+    m.save(tmp_path / "hgb")
+    assert (tmp_path / "hgb" / "features_model.skops").exists()
+    np.testing.assert_allclose(FeaturesModel.load(tmp_path / "hgb").predict_proba(test_rows), p, atol=1e-12)

@@ -5,8 +5,8 @@ Every pair is described by
 
 - **antisymmetric** features ``f(A) - f(B)`` (and the TF-IDF difference vector ``tfidf(A) - tfidf(B)``):
   they change sign when A and B are swapped;
-- **symmetric** features: ``|f(A) - f(B)|``, ``f(A) + f(B)``, ``min``/``max``, A-B similarity and
-  prompt-only features: unchanged by a swap (they carry the tie signal).
+- **symmetric** features: ``|f(A) - f(B)|``, ``f(A) + f(B)``, A-B similarity and prompt-only
+  features: unchanged by a swap (they carry the tie signal).
 
 Trained on both orders (``swap_augment``, labels permuted ``[1, 0, 2]``), such a model predicts on a
 swapped pair the permuted probabilities of the original. For the logistic model this holds exactly:
@@ -18,6 +18,11 @@ swapped pair instead.
 Soft targets (stage-2 pseudo labels) are fitted by expanding each row into three weighted rows, one per
 class, with weight ``target probability x sample weight`` (the cross-entropy with probability targets).
 
+What transfers (measured by ``benchmarks/features_loso.py``, leave-one-source-out on human labels): the
+length features and the A-B similarity. Structure, refusal, "quality" (repetition, lexical variety,
+truncation, ...) and prompt-overlap features help on unseen arena prompts with GPT-4 labels but hurt on
+PandaLM / LLMBar, so the default config uses length + similarity + prompt; ``features_hgb.yaml`` uses all.
+
 ``gpu_jobs`` never imports ``arena_pipeline``.
 """
 
@@ -28,7 +33,7 @@ import dataclasses
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,9 @@ import scipy.sparse as sp
 FAMILY = "features"
 SWAP_PERMUTATION = [1, 0, 2]
 TEXT_COLUMNS = ("prompt", "response_a", "response_b")
+MODEL_FILE = "features_model.skops"
+# types skops does not trust by default that a features model legitimately holds
+TRUSTED_TYPES = ("sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",)
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -761,7 +769,9 @@ class FeaturesModel:
     # ---------------------------------------------------------------- persistence
 
     def save(self, model_dir: Path) -> None:
-        import joblib
+        """``model_dir/features_model.skops`` (skops: no pickle, loads only allow-listed types) and
+        ``model_dir/config.yaml`` (``family: features``); each file is written aside, then renamed."""
+        import skops.io as sio
         import yaml
 
         model_dir = Path(model_dir)
@@ -771,16 +781,16 @@ class FeaturesModel:
             "sym_scale": self.sym_scale, "svd": self.svd, "estimator": self.estimator, "n_anti": self.n_anti,
             "feature_names": self.feature_names, "fit_info": self.fit_info,
         }
-        tmp = model_dir / "features_model.joblib.partial"
-        joblib.dump(state, tmp, compress=3)
-        tmp.replace(model_dir / "features_model.joblib")
+        tmp = model_dir / (MODEL_FILE + ".partial")
+        sio.dump(state, tmp)
+        tmp.replace(model_dir / MODEL_FILE)
         tmp = model_dir / "config.yaml.partial"
         tmp.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         tmp.replace(model_dir / "config.yaml")
 
     @classmethod
     def load(cls, model_dir: Path) -> "FeaturesModel":
-        import joblib
+        import skops.io as sio
         import yaml
 
         model_dir = Path(model_dir)
@@ -791,10 +801,14 @@ class FeaturesModel:
         if raw.get("family") != FAMILY:
             raise ValueError(f"{cfg_path}: family is {raw.get('family')!r}, expected '{FAMILY}'")
         model = cls(FeaturesConfig.from_dict(raw))
-        state_path = model_dir / "features_model.joblib"
+        state_path = model_dir / MODEL_FILE
         if not state_path.exists():
-            raise FileNotFoundError(f"{state_path} not found; the model directory is incomplete")
-        state = joblib.load(state_path)
+            raise FileNotFoundError(f"{state_path} not found; the model directory is incomplete (re-run training)")
+        untrusted = sio.get_untrusted_types(file=state_path)
+        refused = sorted(set(untrusted) - set(TRUSTED_TYPES))
+        if refused:
+            raise ValueError(f"{state_path}: refusing to load types outside the allow-list: {refused}")
+        state = sio.load(state_path, trusted=list(untrusted))
         for key, value in state.items():
             setattr(model, key, value)
         return model
