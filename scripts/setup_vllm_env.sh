@@ -12,6 +12,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${1:-$REPO/.venv-vllm}"
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac  # absolute: later steps run from other folders
 PYTHON="${PYTHON:-python3.11}"
 
 TORCH_SPEC="torch==2.13.0"
