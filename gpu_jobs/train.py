@@ -347,6 +347,10 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
     model.train()
     t0 = time.perf_counter()
     for epoch in range(start_epoch, t.epochs):
+        # accelerate's prepared loader re-sets the sampler's epoch from its own counter at every pass, which
+        # starts at 0 in a resumed process: set both, or a resumed later epoch replays epoch 0's order
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
         sampler.set_epoch(epoch)
         skip = skip_batches if epoch == start_epoch else 0
         for batch_idx, batch in enumerate(loader):
