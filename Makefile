@@ -7,7 +7,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
 .PHONY: install vllm-env demo test test-fast ui validate clean-state
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip wheel setuptools
 	$(VENV)/bin/pip install -q -e ".[dev,k8s]"
