@@ -43,7 +43,7 @@ VARIANTS: dict[str, dict] = {
     "+char_tfidf": {"tfidf_char": True},
     "char_tfidf_only": {"dense_features": False, "tfidf_char": True, "C": 1.0},
     "C=0.1": {"C": 0.1},
-    "C=0.001": {"C": 0.001},
+    "C=0.01": {"C": 0.01},
     "no_swap_augment": {"swap_augment": False, "symmetrize": False},
     "hgb_all_groups": {"model": "hgb", "feature_groups": ALL_GROUPS, "hgb_max_iter": 100, "hgb_learning_rate": 0.03,
                        "hgb_max_leaf_nodes": 4, "hgb_min_samples_leaf": 200},

@@ -155,10 +155,10 @@ def test_fit_predict_beats_prior_and_is_swap_consistent(fitted, train):
     np.testing.assert_allclose(p.sum(1), 1, atol=1e-9)
     y = pandalm[LABELS].to_numpy().argmax(1)
     prior = np.tile(train[LABELS].to_numpy(float).mean(0), (len(y), 1))
-    # trained on 500 GPT-4-judged arena rows, it transfers to human PandaLM labels (measured: 0.953 vs 1.013,
-    # accuracy 0.546)
+    # trained on 500 GPT-4-judged arena rows, it transfers to human PandaLM labels (measured: 0.954 vs 1.013,
+    # accuracy 0.607)
     assert _ll(y, p) < _ll(y, prior) - 0.04
-    assert np.mean(p.argmax(1) == y) > 0.52
+    assert np.mean(p.argmax(1) == y) > 0.56
     ps = fitted.predict_proba(swap_frame(pandalm))[:, SWAP_PERMUTATION]
     assert np.abs(p - ps).max() < 1e-6
     coefs = fitted.coefficients()

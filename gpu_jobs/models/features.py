@@ -80,7 +80,7 @@ class FeaturesConfig:
     tfidf_max_chars: int = 6000  # each response is cut to this many characters before TF-IDF
     tfidf_weight: float = 1.0  # scale of the TF-IDF block relative to the standardised dense block
     # logistic regression
-    C: float = 0.01
+    C: float = 0.001
     max_iter: int = 2000
     tol: float = 1e-4
     # histogram gradient boosting (model: hgb)
