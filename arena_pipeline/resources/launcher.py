@@ -6,12 +6,21 @@ child's stdout/stderr into the Dagster run log while it runs, ends the whole pro
 cancelled, and fails the asset with the tail of the child's stderr when it exits non-zero. Each job
 program can run in its own Python environment (``environments``: name -> python executable), the local
 counterpart of a job image on a cluster.
+
+Jobs of an asset in a Dagster pool (``pool="gpu"``) also hold one of the pool's slots *on this machine* while
+they run: a file lock under ``<instance root>/locks`` (the pool's limit = number of lock files). Dagster's own
+slot claim can let two steps in at once when both claim at the same instant against sqlite storage (its
+select-then-update claim is not atomic across processes); the lock keeps the limit on the processes that use
+the accelerator, and the kernel frees it when the holder dies.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,12 +49,39 @@ class JobResult:
     pipes_results: list = field(default_factory=list)
 
 
-def _describe_exit(code: int) -> str:
+# `accelerate launch` turns a job process's death by a signal into its own exit code 1 and says so on stderr:
+# the single-process launcher raises CalledProcessError ("died with <Signals.SIGKILL: 9>"), torchrun's
+# elastic agent prints "exitcode : -9" / "Signal 9 (SIGKILL) received by PID".
+_WRAPPED_SIGNAL = re.compile(r"died with <Signals\.SIG\w+: (\d+)>|Signal (\d+) \(SIG\w+\) received by PID|exitcode\s*:\s*-(\d+)")
+
+
+def _wrapped_signal(tail: list[str]) -> int | None:
+    """The signal that ended a job process under a launcher process (from the launcher's stderr), if any."""
+    for line in reversed(tail):
+        match = _WRAPPED_SIGNAL.search(line)
+        if match:
+            number = int(next(g for g in match.groups() if g))
+            try:
+                signal.Signals(number)
+            except ValueError:
+                continue
+            return number
+    return None
+
+
+def _describe_signal(number: int) -> str:
+    sig = signal.Signals(number).name
+    if number == signal.SIGKILL:
+        return f"was killed by {sig} (most often the kernel's out-of-memory killer; lower batch_size or max_length)"
+    return f"was ended by {sig}"
+
+
+def _describe_exit(code: int, tail: list[str] = ()) -> str:
     if code < 0:
-        sig = signal.Signals(-code).name
-        if -code == signal.SIGKILL:
-            return f"was killed by {sig} (most often the kernel's out-of-memory killer; lower batch_size or max_length)"
-        return f"was ended by {sig}"
+        return _describe_signal(-code)
+    wrapped = _wrapped_signal(list(tail)) if code > 0 else None
+    if wrapped is not None:
+        return f"exited with code {code}: its job process {_describe_signal(wrapped)}"
     return f"exited with code {code}"
 
 
@@ -67,6 +103,8 @@ class JobLauncher(dg.ConfigurableResource):
     environments: dict[str, str] = {}
     extra_env: dict[str, str] = {}
     termination_timeout_s: float = 20.0
+    machine_pool_lock: bool = True  # hold a machine-local slot of the asset's pool while the job runs
+    lock_poll_s: float = 0.5
 
     def python_for(self, environment: str) -> str:
         if environment == "default":
@@ -92,6 +130,12 @@ class JobLauncher(dg.ConfigurableResource):
         environment: str = "default",
         extras: dict | None = None,
     ) -> JobResult:
+        slot = local_pool_slot(context, self.lock_poll_s) if self.machine_pool_lock else contextlib.nullcontext()
+        with slot:
+            return self._run(context, module, args, accelerate=accelerate, environment=environment, extras=extras)
+
+    def _run(self, context, module: str, args: list[str], *, accelerate: bool, environment: str,
+             extras: dict | None) -> JobResult:
         cmd = self.command(module, [str(a) for a in args], accelerate=accelerate, environment=environment)
         context.log.info("launching: " + " ".join(cmd))
         env = {
@@ -127,6 +171,7 @@ class JobLauncher(dg.ConfigurableResource):
                 reader.start()
             try:
                 code = process.wait()
+                self.kill_leftovers(process, context)
             except (DagsterExecutionInterruptedError, KeyboardInterrupt):
                 context.log.warning(f"run cancelled: ending process group {process.pid}")
                 self.terminate(process)
@@ -139,7 +184,7 @@ class JobLauncher(dg.ConfigurableResource):
                 lines = list(tail)
                 raise dg.Failure(
                     description=(
-                        f"{module} {_describe_exit(code)} after {wall:.0f}s.{_cause_hint(lines)}\n"
+                        f"{module} {_describe_exit(code, lines)} after {wall:.0f}s.{_cause_hint(lines)}\n"
                         "--- last stderr lines ---\n" + "\n".join(lines)
                     ),
                     metadata={"command": " ".join(cmd), "exit_code": code},
@@ -162,6 +207,21 @@ class JobLauncher(dg.ConfigurableResource):
             log(line[:2000])
         stream.close()
 
+    @staticmethod
+    def kill_leftovers(process: subprocess.Popen, context=None) -> None:
+        """SIGKILL whatever is left of the job's process group once its first process has exited.
+
+        A launcher process (``accelerate launch``) killed by a signal leaves its job process running as an
+        orphan, which would go on using the accelerator and could publish its output after the asset has
+        failed (or while a retry writes the same folder).
+        """
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
+        if context is not None:
+            context.log.warning(f"sent SIGKILL to processes left behind in process group {process.pid}")
+
     def terminate(self, process: subprocess.Popen) -> None:
         """SIGTERM the job's process group, then SIGKILL what is left after the timeout."""
         try:
@@ -176,6 +236,52 @@ class JobLauncher(dg.ConfigurableResource):
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _pool_of(context) -> tuple[str | None, int | None, Path | None]:
+    """(pool, its limit, the instance's root folder) of the running step; Nones when there is none."""
+    try:
+        pool = context.op_def.pool
+        instance = context.instance
+        root = instance.root_directory
+        limit = instance.event_log_storage.get_concurrency_info(pool).limit if pool else None
+    except Exception:  # a context without an op or an instance (unit tests), a storage without pools
+        return None, None, None
+    return pool, limit, Path(root) if root else None
+
+
+@contextlib.contextmanager
+def local_pool_slot(context, poll_s: float = 0.5):
+    """Hold one of ``limit`` lock files of the step's pool on this machine (waiting for one to be free)."""
+    pool, limit, root = _pool_of(context)
+    if not pool or not limit or root is None:
+        yield None
+        return
+    folder = root / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    waiting_since = None
+    while True:
+        for index in range(limit):
+            handle = open(folder / f"pool-{pool}-{index}.lock", "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            try:
+                if waiting_since is not None:
+                    context.log.info(f"got `{pool}` slot {index} on this machine after "
+                                     f"{time.time() - waiting_since:.1f}s")
+                yield index
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                handle.close()
+            return
+        if waiting_since is None:
+            waiting_since = time.time()
+            context.log.info(f"all {limit} `{pool}` slot(s) on this machine are held by other jobs ({folder}); "
+                             "waiting for one")
+        time.sleep(poll_s)
 
 
 def default_environments() -> dict[str, str]:
