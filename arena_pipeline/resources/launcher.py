@@ -189,7 +189,9 @@ class JobLauncher(dg.ConfigurableResource):
                     ),
                     metadata={"command": " ".join(cmd), "exit_code": code},
                 )
-            results = list(session.get_results(implicit_materializations=False))
+        # read the results only after the session has closed: leaving the block waits for the message reader
+        # to drain the child's last messages (reading them inside the block races with that reader thread)
+        results = list(session.get_results(implicit_materializations=False))
         metadata: dict[str, Any] = {}
         for result in results:
             for key, value in (getattr(result, "metadata", None) or {}).items():
