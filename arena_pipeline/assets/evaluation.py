@@ -43,6 +43,19 @@ def swap_consistency(p: np.ndarray, p_swapped_back: np.ndarray) -> float:
     return float(np.mean(p.argmax(axis=1) == p_swapped_back.argmax(axis=1)))
 
 
+def swapped_members(members: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each member's prediction had the pair been given with A and B swapped (permuted back to [A, B, tie]).
+
+    That is exactly its TTA twin: ``X+tta`` is X on the swapped pair permuted back, and X on the swapped pair
+    is ``X+tta``'s input swapped twice; so the swapped view of a blend exchanges every member with its twin.
+    """
+    out = {}
+    for name in members:
+        twin = name[: -len("+tta")] if name.endswith("+tta") else f"{name}+tta"
+        out[name] = members[twin] if twin in members else members[name]
+    return out
+
+
 def ablation_rows(y: np.ndarray, members: dict[str, np.ndarray], weights: dict[str, float], temperature: float,
                   tie_bias: float) -> list[dict]:
     def row(name, p):
@@ -107,16 +120,14 @@ def build_evaluation_asset(profile: Profile) -> dg.AssetsDefinition:
             prior = np.bincount(label_index(frame[frame["fold"] == -1]), minlength=3) / int((frame["fold"] == -1).sum())
             weights = {n: w for n, w in spec["weights"].items() if n in members}
             final = ens.apply_temperature(ens.blend(members, weights), spec["temperature"])
-            plain_blend = ens.apply_temperature(ens.blend({n: p for n, p in members.items() if "+tta" not in n},
-                                                          {n: 1.0 for n in members}), spec["temperature"])
-            swapped_blend = ens.apply_temperature(ens.blend({n: p for n, p in members.items() if "+tta" in n},
-                                                            {n: 1.0 for n in members}), spec["temperature"])
+            # the bundle's verdict on each pair vs its verdict on the same pair with A and B swapped
+            final_swapped = ens.apply_temperature(ens.blend(swapped_members(members), weights), spec["temperature"])
             png = plots.reliability_diagram(y, final, storage.scratch("plots") / f"loso_{source}_reliability.png",
                                             f"LOSO {source}")
             results[source] = {
                 "rows": len(held), "log_loss": ens.log_loss3(y, final), "accuracy": ens.accuracy(y, final),
                 "per_class_loss": ens.per_class_loss(y, final),
-                "swap_consistency": swap_consistency(plain_blend, swapped_blend),
+                "swap_consistency": swap_consistency(final, final_swapped),
                 "member_swap_consistency": consistency,
                 "tie_rate_true": float(np.mean(y == 2)), "tie_rate_predicted_mean": float(final[:, 2].mean()),
                 "train_class_prior_log_loss": ens.log_loss3(y, np.tile(prior, (len(y), 1))),

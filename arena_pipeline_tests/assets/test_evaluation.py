@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from arena_pipeline.assets.evaluation import HELD_OUT_FOLD, loso_split, swap_consistency
+from arena_pipeline.assets.evaluation import HELD_OUT_FOLD, loso_split, swap_consistency, swapped_members
 from arena_pipeline.config import SMOKE
 
 
@@ -28,6 +28,19 @@ def test_swap_consistency():
     p = np.array([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]])
     assert swap_consistency(p, p) == 1.0
     assert swap_consistency(p, p[:, [1, 0, 2]]) == 0.0
+
+
+def test_swapped_view_of_a_blend_exchanges_tta_twins():
+    plain = np.array([[0.6, 0.3, 0.1], [0.5, 0.4, 0.1]])  # a position-biased member: always "A"
+    twin = np.array([[0.3, 0.6, 0.1], [0.4, 0.5, 0.1]])  # the same member on swapped pairs, permuted back
+    steady = np.array([[0.2, 0.7, 0.1], [0.7, 0.2, 0.1]])  # no TTA twin: taken as swap-equivariant
+    members = {"m": plain, "m+tta": twin, "f": steady}
+    swapped = swapped_members(members)
+    assert swapped["m"] is twin and swapped["m+tta"] is plain and swapped["f"] is steady
+    # only the biased member: its verdict flips on every swapped pair; with its twin it is consistent
+    assert swap_consistency(members["m"], swapped["m"]) == 0.0
+    both = 0.5 * (members["m"] + members["m+tta"])
+    assert swap_consistency(both, 0.5 * (swapped["m"] + swapped["m+tta"])) == 1.0
 
 
 @pytest.mark.slow
