@@ -16,6 +16,7 @@ def isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("ARENA_EMBEDDING_CACHE", str(home / "embeddings"))  # sentence vectors stay per test
     monkeypatch.delenv("ARENA_STORAGE_HOME", raising=False)
     monkeypatch.delenv("ARENA_MLFLOW_URI", raising=False)
     yield home

@@ -1,5 +1,6 @@
 """Sentence embeddings (gpu_jobs.models.embeddings) and the features family's embedding block."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,8 @@ def test_features_with_embeddings_learn_and_stay_swap_equivariant(tmp_path, embe
     loaded = FeaturesModel.load(tmp_path / "m")
     assert loaded._embedder is None
     assert np.allclose(loaded.predict_proba(test), p, atol=1e-6)
+    # the reloaded model embedded through the on-disk cache of this test's home, not the user's
+    assert list(Path(os.environ["ARENA_EMBEDDING_CACHE"]).rglob("*.npz"))
 
 
 def test_embedding_only_config_is_valid_and_bad_values_are_named():
