@@ -55,8 +55,10 @@ class SentenceEmbedder:
 
     def _load_disk(self) -> None:
         """Read every vector file of this (model, max_length); a damaged file is skipped (re-embedded)."""
-        if self._disk_loaded or self.disk_dir is None or not self.disk_dir.is_dir():
-            self._disk_loaded = True
+        if self._disk_loaded:
+            return
+        self._disk_loaded = True
+        if self.disk_dir is None or not self.disk_dir.is_dir():
             return
         for path in sorted(self.disk_dir.glob("*.npz")):
             try:
@@ -64,7 +66,6 @@ class SentenceEmbedder:
                     self._cache.update(zip(stored["keys"].tolist(), stored["vectors"]))
             except Exception as err:  # noqa: BLE001 - a cache file is never worth a failed job
                 print(f"embedding cache: skipping unreadable {path}: {err}", file=sys.stderr)
-        self._disk_loaded = True
 
     def _save_disk(self, keys: list[str]) -> None:
         if self.disk_dir is None or not keys:
@@ -90,41 +91,44 @@ class SentenceEmbedder:
 
     @property
     def dim(self) -> int:
+        if self._cache:  # known without loading the encoder
+            return len(next(iter(self._cache.values())))
         self._load()
         return int(self._model.config.hidden_size)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """(len(texts), dim) float32 unit vectors; an empty text gets the zero vector."""
+        self._load_disk()
+        keys = [_key(t) if t else None for t in texts]  # each text hashed once
+        new = {k: t for k, t in zip(keys, texts) if k is not None and k not in self._cache}
+        if new:  # the encoder is loaded only when some text is not cached yet
+            self._embed(sorted(new.items(), key=lambda item: len(item[1]), reverse=True))
+            self._save_disk(list(new))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, key in enumerate(keys):
+            if key is not None:
+                out[i] = self._cache[key]
+        return out
+
+    def _embed(self, todo: list[tuple[str, str]]) -> None:
+        """Embed (key, text) pairs, longest first (batches of similar length pad little), into the cache."""
         import torch
+        from tqdm.auto import tqdm
 
         self._load()
-        self._load_disk()
-        todo = sorted({t for t in texts if t and _key(t) not in self._cache}, key=len, reverse=True)
-        if todo:
-            if self.threads > 0:
-                torch.set_num_threads(self.threads)
-            else:
-                torch.set_num_threads(os.cpu_count() or 1)
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(todo), desc=f"embedding ({self.model_name})", unit="text", file=sys.stderr,
-                       disable=not self.progress, mininterval=float(os.environ.get("TQDM_MININTERVAL", 1)))
-            with torch.inference_mode():
-                for start in range(0, len(todo), self.batch_size):
-                    chunk = todo[start:start + self.batch_size]
-                    batch = self._tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
-                                            return_tensors="pt")
-                    hidden = self._model(**batch).last_hidden_state
-                    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-                    pooled = torch.nn.functional.normalize(pooled, dim=-1).numpy().astype(np.float32)
-                    for text, vec in zip(chunk, pooled):
-                        self._cache[_key(text)] = vec
-                    bar.update(len(chunk))
-            bar.close()
-            self._save_disk([_key(t) for t in todo])
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for i, text in enumerate(texts):
-            if text:
-                out[i] = self._cache[_key(text)]
-        return out
+        torch.set_num_threads(self.threads if self.threads > 0 else (os.cpu_count() or 1))
+        bar = tqdm(total=len(todo), desc=f"embedding ({self.model_name})", unit="text", file=sys.stderr,
+                   disable=not self.progress, mininterval=float(os.environ.get("TQDM_MININTERVAL", 1)))
+        with torch.inference_mode():
+            for start in range(0, len(todo), self.batch_size):
+                chunk = todo[start:start + self.batch_size]
+                batch = self._tokenizer([text for _, text in chunk], padding=True, truncation=True,
+                                        max_length=self.max_length, return_tensors="pt")
+                hidden = self._model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+                pooled = torch.nn.functional.normalize(pooled, dim=-1).numpy().astype(np.float32)
+                for (key, _), vec in zip(chunk, pooled):
+                    self._cache[key] = vec
+                bar.update(len(chunk))
+        bar.close()

@@ -155,8 +155,9 @@ class FeaturesConfig:
                 raise ValueError(f"features config key '{key}' must be > 0, got {getattr(self, key)!r}")
         if self.n_threads < 0:
             raise ValueError(f"features config key 'n_threads' must be >= 0, got {self.n_threads!r}")
-        at_least_one = ("max_iter", "embedding_max_length", "embedding_batch_size", "tfidf_word_max_features", "tfidf_char_max_features", "tfidf_min_df",
-                        "tfidf_max_chars", "hgb_max_iter", "hgb_min_samples_leaf")
+        at_least_one = ("max_iter", "embedding_max_length", "embedding_batch_size", "tfidf_word_max_features",
+                        "tfidf_char_max_features", "tfidf_min_df", "tfidf_max_chars", "hgb_max_iter",
+                        "hgb_min_samples_leaf")
         for key in at_least_one:
             if getattr(self, key) < 1:
                 raise ValueError(f"features config key '{key}' must be >= 1, got {getattr(self, key)!r}")
@@ -465,11 +466,11 @@ def dense_feature_names(groups: list[str] | tuple[str, ...] | None = None) -> tu
     return anti, sym
 
 
-def dense_features(parsed: dict[str, list[list[str]]], groups=None, with_swapped: bool = False):
+def dense_features(parsed: dict[str, list[list[str]]], groups=None):
     """(antisymmetric block, symmetric block) for parsed rows, columns as ``dense_feature_names(groups)``.
 
-    With ``with_swapped`` the rows of the A/B-swapped pairs follow the original rows; each response's
-    features are computed once (the swapped antisymmetric block is the negated original).
+    The blocks of the A/B-swapped pairs need no second pass: the antisymmetric block negated, the
+    symmetric block as is (``FeaturesModel._design`` stacks them so).
     """
     groups = list(FEATURE_GROUPS) if groups is None else list(groups)
     rows = list(zip(parsed["prompt"], parsed["response_a"], parsed["response_b"]))
@@ -502,8 +503,6 @@ def dense_features(parsed: dict[str, list[list[str]]], groups=None, with_swapped
         sym_cols.append(np.asarray([[s[x] for x in PROMPT_FEATURES] for s in pfs], dtype=np.float64).reshape(n, -1))
     anti = np.hstack(anti_cols) if anti_cols else np.zeros((n, 0))
     sym = np.hstack(sym_cols) if sym_cols else np.zeros((n, 0))
-    if with_swapped:
-        anti, sym = np.vstack([anti, -anti]), np.vstack([sym, sym])
     return anti, sym
 
 
@@ -543,10 +542,9 @@ class FeaturesModel:
         if self._embedder is None:
             self._embedder = SentenceEmbedder(cfg.embedding_model, cfg.embedding_max_length,
                                               cfg.embedding_batch_size, cfg.embedding_threads)
-        join = lambda turns: "\n\n".join(turns)  # noqa: E731
-        ep = self._embedder.encode([join(t) for t in parsed["prompt"]])
-        ea = self._embedder.encode([join(t) for t in parsed["response_a"]])
-        eb = self._embedder.encode([join(t) for t in parsed["response_b"]])
+        n = len(parsed["prompt"])
+        texts = ["\n\n".join(turns) for column in ("prompt", "response_a", "response_b") for turns in parsed[column]]
+        ep, ea, eb = np.split(self._embedder.encode(texts), [n, 2 * n])  # one call: one length-sorted pass
         cos_pa, cos_pb = (ep * ea).sum(1), (ep * eb).sum(1)
         anti = [(cos_pa - cos_pb)[:, None]]
         names_anti = ["diff_prompt_cosine"]
@@ -587,7 +585,7 @@ class FeaturesModel:
         names_anti: list[str] = []
         names_sym: list[str] = []
         if cfg.dense_features or cfg.embedding_model:
-            anti, sym = dense_features(parsed, cfg.feature_groups if cfg.dense_features else (), with_swapped=False)
+            anti, sym = dense_features(parsed, cfg.feature_groups if cfg.dense_features else ())
             a_names, s_names = dense_feature_names(cfg.feature_groups if cfg.dense_features else ())
             if cfg.embedding_model:
                 e_anti, e_sym, e_a_names, e_s_names = self._embedding_block(parsed)
