@@ -4,8 +4,10 @@ For each held-out labelled source S (default: the external human sets, PandaLM a
 member is retrained by the same `gpu_jobs.train` job on all other rows (rows sharing a prompt with S
 removed) and predicts S; the members are blended with the stage-1 ensemble's weights and temperature,
 which were fitted on other data. Reported per source: log loss, 3-way accuracy, per-class loss, swap
-consistency (same verdict after swapping A and B), a reliability diagram, and an ablation table
-(each member, its TTA, uniform blend, fitted blend, + temperature, + a tie prior fitted out of sample).
+consistency (same verdict after swapping A and B), a reliability diagram, an ablation table
+(each member, its TTA, uniform blend, fitted blend, + temperature, + a tie prior fitted out of sample), and
+the bundle and each member per subset of the source (its `subset` column, e.g. LLMBar's natural human
+preference sets vs its adversarial instruction-following sets), which can tell very different stories.
 """
 
 import json
@@ -72,6 +74,30 @@ def ablation_rows(y: np.ndarray, members: dict[str, np.ndarray], weights: dict[s
     return rows
 
 
+def subset_rows(held: pd.DataFrame, y: np.ndarray, predictions: dict[str, np.ndarray]) -> list[dict]:
+    """Log loss and accuracy of each prediction on each value of the held-out rows' ``subset`` column.
+
+    Rows without a subset (the column missing or empty) are not broken down: an empty list.
+    """
+    if "subset" not in held.columns:
+        return []
+    subsets = held["subset"].fillna("").astype(str).to_numpy()
+    rows = []
+    for subset in sorted(set(subsets) - {""}):
+        mask = subsets == subset
+        row = {"subset": subset, "rows": int(mask.sum()), "tie_rate_true": float(np.mean(y[mask] == 2))}
+        for name, p in predictions.items():
+            row[name] = {"log_loss": ens.log_loss3(y[mask], p[mask]), "accuracy": ens.accuracy(y[mask], p[mask])}
+        rows.append(row)
+    return rows
+
+
+def subset_table(source: str, rows: list[dict], name: str) -> str:
+    lines = [f"| {source} subset | rows | {name} log loss | {name} acc |", "|---|---|---|---|"]
+    lines += [f"| {r['subset']} | {r['rows']} | {r[name]['log_loss']:.4f} | {r[name]['accuracy']:.3f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def markdown_table(results: dict[str, dict]) -> str:
     sources = list(results)
     lines = ["| variant | " + " | ".join(f"{s} log loss | {s} acc" for s in sources) + " |",
@@ -132,6 +158,7 @@ def build_evaluation_asset(profile: Profile) -> dg.AssetsDefinition:
                 "tie_rate_true": float(np.mean(y == 2)), "tie_rate_predicted_mean": float(final[:, 2].mean()),
                 "train_class_prior_log_loss": ens.log_loss3(y, np.tile(prior, (len(y), 1))),
                 "ablation": ablation_rows(y, members, weights, spec["temperature"], tie_bias),
+                "by_subset": subset_rows(held, y, {"bundle": final, **members}),
             }
             metadata[f"{source}_log_loss"] = results[source]["log_loss"]
             metadata[f"{source}_accuracy"] = results[source]["accuracy"]
@@ -140,6 +167,9 @@ def build_evaluation_asset(profile: Profile) -> dg.AssetsDefinition:
             context.log.info(f"LOSO {source}: log loss {results[source]['log_loss']:.4f}, "
                              f"accuracy {results[source]['accuracy']:.3f}")
         table = markdown_table(results)
+        for source, report in results.items():
+            if report["by_subset"]:
+                table += "\n\n" + subset_table(source, report["by_subset"], "bundle")
         atomic_write_json(results, storage.root / "loso" / "results.json")
         (storage.root / "loso" / "ablation.md").write_text(table + "\n")
         metadata["ablation"] = dg.MetadataValue.md(table)

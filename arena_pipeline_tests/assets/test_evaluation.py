@@ -7,7 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from arena_pipeline.assets.evaluation import HELD_OUT_FOLD, loso_split, swap_consistency, swapped_members
+from arena_pipeline import ensemble as ens
+from arena_pipeline.assets.evaluation import (HELD_OUT_FOLD, loso_split, subset_rows, subset_table, swap_consistency,
+                                              swapped_members)
 from arena_pipeline.config import SMOKE
 
 
@@ -43,6 +45,21 @@ def test_swapped_view_of_a_blend_exchanges_tta_twins():
     assert swap_consistency(both, 0.5 * (swapped["m"] + swapped["m+tta"])) == 1.0
 
 
+def test_subset_rows_score_each_subset_on_its_own_rows():
+    held = pd.DataFrame({"subset": ["nat", "adv", "nat", None, "adv"]})
+    y = np.array([0, 1, 1, 2, 0])
+    good = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.1, 0.8, 0.1]])
+    rows = subset_rows(held, y, {"bundle": good})
+    assert [(r["subset"], r["rows"]) for r in rows] == [("adv", 2), ("nat", 2)]  # the row without a subset is left out
+    adv, nat = rows
+    assert nat["bundle"]["accuracy"] == 1.0 and nat["bundle"]["log_loss"] == pytest.approx(-np.log(0.8))
+    assert adv["bundle"]["accuracy"] == 0.5
+    assert adv["bundle"]["log_loss"] == pytest.approx(ens.log_loss3(y[[1, 4]], good[[1, 4]]))
+    assert adv["tie_rate_true"] == 0.0
+    assert "| adv | 2 | " in subset_table("llmbar", rows, "bundle")
+    assert subset_rows(pd.DataFrame({"x": [1]}), np.array([0]), {"bundle": good[:1]}) == []
+
+
 @pytest.mark.slow
 def test_loso_evaluation_on_smoke_run(smoke_run, monkeypatch):
     defs = smoke_run["defs"]
@@ -60,5 +77,8 @@ def test_loso_evaluation_on_smoke_run(smoke_run, monkeypatch):
         variants = [r["variant"] for r in report["ablation"]]
         assert "member stage1/features" in variants and "+ temperature" in variants
     assert results["llmbar"]["tie_rate_true"] == 0.0
+    by_subset = results["llmbar"]["by_subset"]  # LLMBar rows carry their subset; PandaLM rows have none
+    assert by_subset and sum(r["rows"] for r in by_subset) == results["llmbar"]["rows"]
+    assert {"bundle", "stage1/features"} <= set(by_subset[0]) and results["pandalm_testset_v1"]["by_subset"] == []
     table = (smoke_run["storage"].root / "loso" / "ablation.md").read_text()
-    assert table.startswith("| variant |") and "fitted blend" in table
+    assert table.startswith("| variant |") and "fitted blend" in table and "| llmbar subset |" in table
