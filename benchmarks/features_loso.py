@@ -4,11 +4,14 @@
 - train arena_bench_pairs + pandalm -> evaluate on llmbar (expert/human, no ties)
 
 Prompts that appear in the evaluation file are dropped from the training rows. Prints log loss,
-accuracy, the class-prior baseline, swap consistency and timings for each config given.
+accuracy, the class-prior baseline, swap consistency and timings for each config given; LLMBar is also
+split into its natural human-preference subsets (Natural, Processed/*) and its adversarial ones.
+Training-data variants (``--train``) change the rows or targets instead of the model config.
 
     .venv/bin/python benchmarks/features_loso.py                      # default config
     .venv/bin/python benchmarks/features_loso.py --variants           # the variants of the report
     .venv/bin/python benchmarks/features_loso.py --set model=hgb --set tfidf_char=true
+    .venv/bin/python benchmarks/features_loso.py --train offprompt --set 'feature_groups=[length,similarity,prompt,overlap]'
 """
 
 from __future__ import annotations
@@ -52,6 +55,68 @@ VARIANTS: dict[str, dict] = {
     "hgb_all_groups": {"model": "hgb", "feature_groups": ALL_GROUPS, "hgb_max_iter": 100, "hgb_learning_rate": 0.03,
                        "hgb_max_leaf_nodes": 4, "hgb_min_samples_leaf": 200},
 }
+
+
+# training-data variants: (train frame) -> (train frame, targets, sample weights)
+def _plain(train: pd.DataFrame):
+    return train, train[LABELS].to_numpy(float), None
+
+
+def _vote_soft_labels(train: pd.DataFrame):
+    """PandaLM rows: the three annotators' votes as soft targets instead of the majority label."""
+    targets = train[LABELS].to_numpy(float).copy()
+    if "votes_a" in train.columns:
+        has = train["votes_a"].notna().to_numpy()
+        votes = train.loc[has, ["votes_a", "votes_b", "votes_tie"]].to_numpy(float)
+        targets[has] = votes / votes.sum(1, keepdims=True)
+    return train, targets, None
+
+
+def _margin_soft_labels(train: pd.DataFrame, near: tuple[float, float] = (0.3, 0.15)):
+    """Arena pairs one / two GPT-4 points apart: move 30% / 15% of the winner's mass to tie."""
+    targets = train[LABELS].to_numpy(float).copy()
+    gap = (train["score_a"] - train["score_b"]).abs().to_numpy()
+    share = np.where(gap == 1, near[0], np.where(gap == 2, near[1], 0.0))
+    share = np.nan_to_num(share)  # rows without scores (human sets) are untouched
+    targets[:, :2] *= (1 - share)[:, None]
+    targets[:, 2] += share
+    return train, targets, None
+
+
+def offprompt_pairs(seed: int = 0) -> pd.DataFrame:
+    """Synthetic "answers another question" pairs (LLMBar's Neighbor construction, built from arena answers):
+    a random answer to prompt P against the best-judged answer to P's nearest other prompt (TF-IDF); the
+    on-prompt answer wins."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    answers = pd.read_parquet(DATA / "arena_bench_answers.parquet").dropna(subset=["judge_score"])
+    prompts = answers.drop_duplicates("question_id")[["question_id", "prompt"]].reset_index(drop=True)
+    tfidf = TfidfVectorizer(stop_words="english").fit_transform(prompts["prompt"].map(lambda s: json.loads(s)[0]))
+    sim = (tfidf @ tfidf.T).toarray()
+    np.fill_diagonal(sim, -1)
+    by_question = dict(tuple(answers.groupby("question_id")))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, qid in enumerate(prompts["question_id"]):
+        group = by_question[qid]
+        on = group.iloc[int(rng.integers(len(group)))]
+        off = by_question[prompts["question_id"][int(sim[i].argmax())]].sort_values("judge_score").iloc[-1]
+        a_wins = bool(rng.random() < 0.5)
+        rows.append({"id": f"offprompt-{qid}", "prompt": on["prompt"],
+                     "response_a": on["response"] if a_wins else off["response"],
+                     "response_b": off["response"] if a_wins else on["response"],
+                     "winner_model_a": int(a_wins), "winner_model_b": int(not a_wins), "winner_tie": 0,
+                     "model_a": "", "model_b": "", "source": "offprompt"})
+    return pd.DataFrame(rows)
+
+
+def _with_offprompt(train: pd.DataFrame):
+    both = pd.concat([train, offprompt_pairs()], ignore_index=True)
+    return both, both[LABELS].to_numpy(float), None
+
+
+TRAIN_VARIANTS = {"plain": _plain, "votes": _vote_soft_labels, "margin": _margin_soft_labels,
+                  "offprompt": _with_offprompt}
 
 
 def _norm(prompt_json: str) -> str:
@@ -106,16 +171,22 @@ def arena_cv(cfg_dict: dict, frames: dict[str, pd.DataFrame], n_splits: int = 5)
             "prior_log_loss": log_loss(y, np.tile(prior, (len(y), 1)))}
 
 
-def evaluate(cfg_dict: dict, frames: dict[str, pd.DataFrame], verbose: bool = True, with_arena_cv: bool = False) -> dict:
+def _scores(y: np.ndarray, p: np.ndarray) -> dict:
+    return {"log_loss": log_loss(y, p), "accuracy": float(np.mean(p.argmax(1) == y)), "rows": len(y)}
+
+
+def evaluate(cfg_dict: dict, frames: dict[str, pd.DataFrame], verbose: bool = True, with_arena_cv: bool = False,
+             train_variant: str = "plain") -> dict:
     out = {}
     for test_name, other in (("pandalm_test", "llmbar"), ("llmbar", "pandalm_test")):
         test = frames[test_name]
         train = pd.concat([frames["arena_bench_pairs"], frames[other]], ignore_index=True)
         test_prompts = set(test.prompt.map(_norm))
         train = train[~train.prompt.map(_norm).isin(test_prompts)].reset_index(drop=True)
+        train, targets, weights = TRAIN_VARIANTS[train_variant](train)
         model = make_model(cfg_dict)
         t0 = time.perf_counter()
-        model.fit(train, train[LABELS].to_numpy(float))
+        model.fit(train, targets, sample_weight=weights)
         fit_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         p = model.predict_proba(test)
@@ -132,6 +203,10 @@ def evaluate(cfg_dict: dict, frames: dict[str, pd.DataFrame], verbose: bool = Tr
             "fit_s": fit_s,
             "predict_s": pred_s,
         }
+        if "subset" in test.columns:
+            adversarial = test["subset"].fillna("").str.contains("Adversarial").to_numpy()
+            out[test_name]["natural"] = _scores(y[~adversarial], p[~adversarial])
+            out[test_name]["adversarial"] = _scores(y[adversarial], p[adversarial])
     if with_arena_cv:
         out["arena_cv"] = arena_cv(cfg_dict, frames)
     if verbose:
@@ -146,6 +221,10 @@ def evaluate(cfg_dict: dict, frames: dict[str, pd.DataFrame], verbose: bool = Tr
                 f"  predict {v['predict_s']:.1f}s",
                 flush=True,
             )
+            for part in ("natural", "adversarial"):
+                if part in v:
+                    print(f"    {part:11s} log_loss {v[part]['log_loss']:.4f}  acc {v[part]['accuracy']:.3f}"
+                          f"  ({v[part]['rows']} rows)", flush=True)
     return out
 
 
@@ -158,6 +237,9 @@ def main() -> None:
     ap.add_argument("--all-pairs", action="store_true",
                     help="train on every within-prompt pair of arena_bench_answers instead of arena_bench_pairs")
     ap.add_argument("--arena-cv", action="store_true", help="also 5-fold CV on arena_bench_pairs grouped by question")
+    ap.add_argument("--train", default="plain", choices=sorted(TRAIN_VARIANTS),
+                    help="training-data variant: PandaLM vote soft labels, arena score-margin soft labels, "
+                         "+ synthetic off-prompt pairs")
     args = ap.parse_args()
     base = yaml.safe_load(Path(args.config).read_text())
     for item in args.set:
@@ -169,13 +251,16 @@ def main() -> None:
     for name in names:
         cfg = {**base, **VARIANTS[name]}
         print(f"{name}: {json.dumps(VARIANTS[name])}", flush=True)
-        res = evaluate(cfg, frames, with_arena_cv=args.arena_cv)
+        res = evaluate(cfg, frames, with_arena_cv=args.arena_cv, train_variant=args.train)
         rows.append((name, res))
     if len(rows) > 1:
-        print("\nvariant              PandaLM ll   acc    LLMBar ll   acc" + ("   arena-CV ll  acc" if args.arena_cv else ""))
+        print("\nvariant              PandaLM ll   acc    LLMBar ll   acc    natural ll  acc    adversarial ll  acc"
+              + ("   arena-CV ll  acc" if args.arena_cv else ""))
         for name, res in rows:
             a, b = res["pandalm_test"], res["llmbar"]
             line = f"{name:20s} {a['log_loss']:.4f}  {a['accuracy']:.3f}   {b['log_loss']:.4f}  {b['accuracy']:.3f}"
+            line += f"   {b['natural']['log_loss']:.4f}  {b['natural']['accuracy']:.3f}"
+            line += f"   {b['adversarial']['log_loss']:.4f}  {b['adversarial']['accuracy']:.3f}"
             if args.arena_cv:
                 c = res["arena_cv"]
                 line += f"   {c['log_loss']:.4f}  {c['accuracy']:.3f}"
