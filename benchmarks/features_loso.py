@@ -34,12 +34,13 @@ from gpu_jobs.models.features import SWAP_PERMUTATION, FeaturesConfig, FeaturesM
 DATA = ROOT / "data" / "shipped"
 LABELS = ["winner_model_a", "winner_model_b", "winner_tie"]
 
-ALL_GROUPS = ["length", "structure", "refusal", "quality", "overlap", "similarity", "prompt"]
+ALL_GROUPS = ["length", "repetition", "structure", "refusal", "quality", "overlap", "similarity", "prompt"]
 # overrides on top of --config (default: gpu_jobs/configs/features.yaml)
 VARIANTS: dict[str, dict] = {
     "default": {},
     "length_only": {"feature_groups": ["length"]},
-    "+structure+refusal": {"feature_groups": ["length", "structure", "refusal", "similarity", "prompt"]},
+    "no_repetition": {"feature_groups": ["length", "similarity", "prompt"]},
+    "+structure+refusal": {"feature_groups": ["length", "repetition", "structure", "refusal", "similarity", "prompt"]},
     "all_groups": {"feature_groups": ALL_GROUPS},
     "all_groups_C0.1_clip10": {"feature_groups": ALL_GROUPS, "C": 0.1, "feature_clip": 10.0},
     "+word_tfidf": {"tfidf_word": True},

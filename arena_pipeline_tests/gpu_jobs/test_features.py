@@ -102,6 +102,18 @@ def test_response_features_measure_what_they_say():
     assert response_features(["line\nline\nline\nother"], prompt)["repeated_line_frac"] == pytest.approx(0.5)
 
 
+def test_repetition_group_flags_looping_text_and_each_feature_has_one_group():
+    prompt = ["Explain photosynthesis"]
+    loop = "Plants use light. " * 30
+    varied = "Plants capture light with chlorophyll, split water, and fix carbon dioxide into sugars."
+    f_loop = response_features([loop], prompt, ("repetition",))
+    f_varied = response_features([varied], prompt, ("repetition",))
+    assert set(f_loop) == set(FEATURE_GROUPS["repetition"])  # only the group asked for is computed
+    assert f_loop["repeated_trigram_frac"] > 0.8 and f_varied["repeated_trigram_frac"] == 0.0
+    names = [n for g in FEATURE_GROUPS.values() for n in g]
+    assert len(names) == len(set(names))
+
+
 def test_windowed_ratios_do_not_just_track_length():
     """Type/token ratio of a plain ratio falls with length; the windowed one stays put for varied text."""
     rng = np.random.default_rng(0)

@@ -19,9 +19,10 @@ Soft targets (stage-2 pseudo labels) are fitted by expanding each row into three
 class, with weight ``target probability x sample weight`` (the cross-entropy with probability targets).
 
 What transfers (measured by ``benchmarks/features_loso.py``, leave-one-source-out on human labels): the
-length features and the A-B similarity. Structure, refusal, "quality" (repetition, lexical variety,
-truncation, ...) and prompt-overlap features help on unseen arena prompts with GPT-4 labels but hurt on
-PandaLM / LLMBar, so the default config uses length + similarity + prompt; ``features_hgb.yaml`` uses all.
+length features, repetition (looping text) and the A-B similarity. Structure, refusal, other "quality"
+signals (lexical variety, truncation, ...) and prompt-overlap features help on unseen arena prompts with
+GPT-4 labels but hurt on PandaLM / LLMBar, so the default config uses length + repetition + similarity +
+prompt; ``features_hgb.yaml`` uses all.
 
 ``gpu_jobs`` never imports ``arena_pipeline``.
 """
@@ -64,9 +65,9 @@ class FeaturesConfig:
     swap_augment: bool = True
     symmetrize: bool = True
     n_threads: int = 1  # BLAS / OpenMP threads while fitting and predicting (0: the libraries' default)
-    # hand-made features (groups: length, structure, refusal, quality, overlap, similarity, prompt)
+    # hand-made features (groups: length, repetition, structure, refusal, quality, overlap, similarity, prompt)
     dense_features: bool = True
-    feature_groups: tuple[str, ...] = ("length", "similarity", "prompt")
+    feature_groups: tuple[str, ...] = ("length", "repetition", "similarity", "prompt")
     feature_clip: float = 3.0  # standardised dense features are clipped to +-this (limits extrapolation)
     interactions: tuple[str, ...] = ()  # symmetric features that multiply every antisymmetric dense feature
     # TF-IDF on the responses, as the A - B difference
@@ -286,17 +287,18 @@ FEATURE_GROUPS: dict[str, list[str]] = {
     "length": ["log_chars", "log_words", "log_lines", "log_paragraphs", "log_sentences", "log_chars_last_turn"],
     "structure": ["headers", "bullets", "numbered", "code_blocks", "inline_code", "bold", "table_rows", "urls"],
     "refusal": ["refusal", "refusal_start", "hedges"],
+    # degenerate looping text (repeated lines, repeated word trigrams): disliked by judges and people alike
+    "repetition": ["repeated_line_frac", "repeated_trigram_frac"],
     "quality": [
-        "mean_word_len", "type_token_ratio", "repeated_line_frac", "repeated_trigram_frac", "question_marks",
-        "exclamations", "empty", "empty_turns", "digit_frac", "upper_frac", "nonascii_frac",
-        "nonascii_mismatch", "ends_cleanly",
+        "mean_word_len", "type_token_ratio", "question_marks", "exclamations", "empty", "empty_turns", "digit_frac",
+        "upper_frac", "nonascii_frac", "nonascii_mismatch", "ends_cleanly",
     ],
     "overlap": ["prompt_recall", "response_precision", "key_term_recall", "copies_prompt"],
     # pair-level (symmetric) groups
     "similarity": ["identical", "identical_ws", "word_jaccard", "bigram_jaccard"],
     "prompt": ["p_log_chars", "p_turns", "p_question_marks", "p_code", "p_nonascii_frac", "p_list_request"],
 }
-RESPONSE_GROUPS = ("length", "structure", "refusal", "quality", "overlap")
+RESPONSE_GROUPS = ("length", "repetition", "structure", "refusal", "quality", "overlap")
 PAIR_GROUPS = ("similarity", "prompt")
 RESPONSE_FEATURES = [name for g in RESPONSE_GROUPS for name in FEATURE_GROUPS[g]]
 SIMILARITY_FEATURES = FEATURE_GROUPS["similarity"]
@@ -370,6 +372,11 @@ def response_features(
             "log_sentences": log_count(_SENTENCE_END),
             "log_chars_last_turn": float(np.log1p(len(turns[-1]) if turns else 0)),
         })
+    if "repetition" in groups:
+        out.update({
+            "repeated_line_frac": (1.0 - len(set(lines)) / len(lines)) if lines else 0.0,
+            "repeated_trigram_frac": _windowed(words, _repeated_trigram_frac),
+        })
     if "structure" in groups:
         out.update({
             "headers": log_count(_HEADER),
@@ -395,8 +402,6 @@ def response_features(
         out.update({
             "mean_word_len": (sum(len(w) for w in words) / n_words) if n_words else 0.0,
             "type_token_ratio": _windowed(words, _type_token_ratio),
-            "repeated_line_frac": (1.0 - len(set(lines)) / len(lines)) if lines else 0.0,
-            "repeated_trigram_frac": _windowed(words, _repeated_trigram_frac),
             "question_marks": float(np.log1p(text.count("?") + text.count("？"))),
             "exclamations": float(np.log1p(text.count("!"))),
             "empty": float(not stripped),
