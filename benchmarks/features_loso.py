@@ -17,6 +17,7 @@ Training-data variants (``--train``) change the rows or targets instead of the m
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -77,13 +78,13 @@ def _margin_soft_labels(train: pd.DataFrame, near: tuple[float, float] = (0.3, 0
     """Arena pairs one / two GPT-4 points apart: move 30% / 15% of the winner's mass to tie."""
     targets = train[LABELS].to_numpy(float).copy()
     gap = (train["score_a"] - train["score_b"]).abs().to_numpy()
-    share = np.where(gap == 1, near[0], np.where(gap == 2, near[1], 0.0))
-    share = np.nan_to_num(share)  # rows without scores (human sets) are untouched
+    share = np.where(gap == 1, near[0], np.where(gap == 2, near[1], 0.0))  # no scores (human sets): NaN gap, 0
     targets[:, :2] *= (1 - share)[:, None]
     targets[:, 2] += share
     return train, targets, None
 
 
+@functools.lru_cache(maxsize=None)  # built once per run, not once per held-out source
 def offprompt_pairs(seed: int = 0) -> pd.DataFrame:
     """Synthetic "answers another question" pairs (LLMBar's Neighbor construction, built from arena answers):
     a random answer to prompt P against the best-judged answer to P's nearest other prompt (TF-IDF); the
@@ -196,8 +197,7 @@ def evaluate(cfg_dict: dict, frames: dict[str, pd.DataFrame], verbose: bool = Tr
         y = test[LABELS].to_numpy().argmax(1)
         prior = train[LABELS].to_numpy(float).mean(0)
         out[test_name] = {
-            "log_loss": log_loss(y, p),
-            "accuracy": float(np.mean(p.argmax(1) == y)),
+            **_scores(y, p),
             "prior_log_loss": log_loss(y, np.tile(prior, (len(y), 1))),
             "swap_max_abs_diff": float(np.abs(p - ps).max()),
             "n_train": len(train),
