@@ -54,6 +54,11 @@ def cmd_demo(args) -> int:
     from arena_pipeline.partitions import fold_range_tags
 
     profile = PROFILES[args.profile]
+    budget_s = profile.time_budget_s if args.time_budget is None else args.time_budget * 60
+    if budget_s:
+        from arena_pipeline.demo_sizing import fit_to_budget
+
+        profile = fit_to_budget(profile, budget_s, log=lambda line: print(f"arena-pipeline: {line}", flush=True))
     defs = build_definitions(profile)
     job = defs.resolve_job_def(args.job)
     print(f"arena-pipeline: running {args.job} on profile '{profile.name}' (state in {home})", flush=True)
@@ -231,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole graph (raw files -> predictor bundle) on a profile")
     demo.add_argument("--profile", choices=sorted(PROFILES), default=os.environ.get("ARENA_PROFILE", "demo"))
     demo.add_argument("--job", default="full_pipeline_job", help="which job to run (default: everything)")
+    demo.add_argument("--time-budget", type=int, default=None, metavar="MINUTES",
+                      help="size the neural members to finish in about this many minutes on this CPU, from a short "
+                           "throughput probe (default: the profile's own budget, 20 for demo; 0: run the profile as is)")
     demo.set_defaults(func=cmd_demo)
 
     predict = sub.add_parser("predict", help="score a CSV/parquet/JSONL file (Kaggle test.csv included)")

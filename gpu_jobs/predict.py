@@ -27,6 +27,7 @@ import yaml
 
 from gpu_jobs import data as D
 from gpu_jobs.config import config_from_dict
+from gpu_jobs.precision import Precision, resolve
 
 
 def family_module(family: str):
@@ -65,16 +66,18 @@ def load_model(model_dir: str | Path, device: torch.device | None = None):
     return cfg, model, tokenizer
 
 
-def _autocast(device: torch.device, bf16: bool):
-    if not bf16:
+def _autocast(device: torch.device, precision: Precision | None):
+    if precision is None or not precision.autocast:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=precision.dtype)
 
 
 @torch.inference_mode()
 def predict_ids(model, ids: list[list[int]], pad_token_id: int, batch_size: int, device: torch.device,
-                bf16: bool = False, accelerator=None, sort: bool = True, progress: bool = False) -> np.ndarray:
-    """Class probabilities (n, 3) for pre-tokenised rows, in input order, on every process."""
+                precision: Precision | None = None, accelerator=None, sort: bool = True,
+                progress: bool = False) -> np.ndarray:
+    """Class probabilities (n, 3) for pre-tokenised rows, in input order, on every process; autocast in
+    ``precision`` (None: the model's own dtype)."""
     model.eval()
     batches = D.sorted_batches([len(x) for x in ids], batch_size, sort=sort)
     n_proc = accelerator.num_processes if accelerator is not None else 1
@@ -91,7 +94,7 @@ def predict_ids(model, ids: list[list[int]], pad_token_id: int, batch_size: int,
         mine_iter = mine
     for rows in mine_iter:
         batch = collate([{"input_ids": ids[i], "index": int(i)} for i in rows])
-        with _autocast(device, bf16):
+        with _autocast(device, precision):
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).logits
         probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
@@ -124,12 +127,12 @@ def predict_loaded(cfg, model, tokenizer, frame: pd.DataFrame, tta: bool = False
     device = device or (accelerator.device if accelerator is not None else default_device())
     batch_size = batch_size or cfg.inference.batch_size
     max_length = max_length or cfg.inference.max_length
-    bf16 = cfg.training.bf16
+    precision = resolve(cfg.precision, device.type)
 
     def run(swap: bool) -> np.ndarray:
         ids = D.encode_frame(frame, tokenizer, max_length, cfg.text.truncation_side, swap=swap,
                              max_chars_per_part=cfg.text.max_chars_per_part)
-        return predict_ids(model, ids, tokenizer.pad_token_id, batch_size, device, bf16, accelerator,
+        return predict_ids(model, ids, tokenizer.pad_token_id, batch_size, device, precision, accelerator,
                            progress=progress)
 
     probs = run(swap=False)
@@ -194,6 +197,12 @@ def main(argv=None) -> int:
     with open_pipes() as pipes:
         try:
             frame = D.read_frame(args.data)
+            requested = getattr(load_model_config(args.model_dir), "precision", None)  # features: none
+            if requested is not None and accelerator.is_main_process:
+                precision = resolve(requested, accelerator.device.type)
+                if precision.warning:
+                    pipes.log.warning(precision.warning)
+                pipes.log.info(f"gpu_jobs.predict: {precision.describe()}")
             t0 = time.perf_counter()
             probs, probs_tta = predict_frame(args.model_dir, frame, args.tta, args.batch_size, args.max_length,
                                              accelerator=accelerator)

@@ -13,8 +13,8 @@ position in the epoch's seeded batch order; written as ``OUT.ckpt/.tmp-step-<n>/
 completion marker; the last 2 are kept). A job re-launched with the same arguments resumes from the latest
 complete checkpoint, and ``OUT.ckpt`` is removed once ``OUT`` is published.
 
-The neural families share one loop: an ``accelerate.Accelerator`` does device placement, bf16 autocast
-(``mixed_precision``), gradient accumulation and process groups; the rest is plain PyTorch. The
+The neural families share one loop: an ``accelerate.Accelerator`` does device placement, autocast in the
+precision the hardware runs natively (``precision: auto``, resolved by ``gpu_jobs.precision``), gradient accumulation and process groups; the rest is plain PyTorch. The
 ``features`` family is fitted and applied by the main process, no loop.
 """
 
@@ -39,6 +39,7 @@ import torch
 from gpu_jobs import data as D
 from gpu_jobs.config import config_to_dict, load_config, save_config
 from gpu_jobs.pipes import clean_metadata, open_pipes
+from gpu_jobs.precision import Precision, hardware_summary, resolve
 from gpu_jobs.predict import family_module, predict_loaded, prediction_frame, write_parquet
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -377,7 +378,8 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
                 step_losses.append(step_loss)
                 lr = scheduler.get_last_lr()[0]
                 if history is not None:
-                    history.write(json.dumps({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr}) + "\n")
+                    history.write(json.dumps({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr,
+                                              "elapsed_s": round(prior_train_s + time.perf_counter() - t0, 4)}) + "\n")
                     history.flush()
                 progress.update(1)
                 progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
@@ -416,7 +418,7 @@ def fit_features(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray):
 
 
 # ------------------------------------------------------------------------------------------ the job
-def run(args: argparse.Namespace, cfg, accelerator, pipes) -> dict:
+def run(args: argparse.Namespace, cfg, accelerator, pipes, precision: Precision | None = None) -> dict:
     t_start = time.perf_counter()
     main_proc = accelerator.is_main_process
     out = Path(args.output_dir)
@@ -443,6 +445,10 @@ def run(args: argparse.Namespace, cfg, accelerator, pipes) -> dict:
     extra = {name: D.read_frame(path) for name, path in predict_specs.items()}  # fail early on a bad file
     pipes.log.info(f"{cfg.name} ({cfg.family}) fold {args.fold}: {len(train_df)} training rows, {len(val_df)} "
                    f"validation rows, {len(extra)} extra prediction file(s), {accelerator.num_processes} process(es)")
+    resolved = {"hardware": hardware_summary()}
+    if precision is not None:
+        resolved.update(precision=precision.name, precision_reason=precision.reason)
+        pipes.log.info(f"{cfg.name}: {precision.describe()}; {resolved['hardware']}")
 
     if cfg.family == "features":
         model, tokenizer, stats = None, None, {}
@@ -464,7 +470,7 @@ def run(args: argparse.Namespace, cfg, accelerator, pipes) -> dict:
             model.save(partial / "model")
         else:
             family_module(cfg.family).save(model, tokenizer, partial / "model")
-        save_config(cfg, partial / "model" / "config.yaml")
+        save_config(cfg, partial / "model" / "config.yaml", resolved=resolved)
 
     # ---- prediction: the validation fold and every --predict file, plus TTA twins
     do_predict = cfg.family != "features" or main_proc
@@ -500,6 +506,7 @@ def run(args: argparse.Namespace, cfg, accelerator, pipes) -> dict:
             "n_steps": stats["n_steps"], "resumed_from_step": stats["resumed_from_step"],
             "fold": args.fold, "family": cfg.family, "name": cfg.name,
             "num_processes": accelerator.num_processes,
+            **({"precision": precision.name} if precision is not None else {}),
         }
         if probs_tta is not None:
             metrics["val_log_loss_tta"] = log_losses(probs_tta, y_val)["log_loss"]
@@ -531,14 +538,17 @@ def main(argv=None) -> int:
     from accelerate import Accelerator
 
     neural = cfg.family != "features"
+    precision = resolve(cfg.precision) if neural else None
+    if precision is not None and precision.warning:
+        print(f"gpu_jobs.train: {precision.warning}", file=sys.stderr, flush=True)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
-        mixed_precision="bf16" if neural and cfg.training.bf16 else "no",
+        mixed_precision=precision.mixed_precision if neural else "no",
         gradient_accumulation_steps=cfg.training.grad_accum if neural else 1,
     )
     with open_pipes() as pipes:
         try:
-            run(args, cfg, accelerator, pipes)
+            run(args, cfg, accelerator, pipes, precision)
         except Exception as exc:
             pipes.log.error(f"gpu_jobs.train failed: {type(exc).__name__}: {exc}")
             raise

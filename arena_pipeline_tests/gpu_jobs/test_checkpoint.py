@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PAIRS = ROOT / "data" / "shipped" / "arena_bench_pairs.parquet"
 CONFIG = ROOT / "gpu_jobs" / "configs" / "cross_encoder_minilm.yaml"
 SETTINGS = ["training.max_length=48", "inference.max_length=48", "training.batch_size=4", "training.epochs=2",
-            "training.warmup_steps=2", "training.bf16=false", "tta=false"]
+            "training.warmup_steps=2", "precision=fp32", "tta=false"]
 TOL = 1e-6
 
 

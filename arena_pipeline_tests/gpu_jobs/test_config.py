@@ -34,7 +34,8 @@ def test_gpu_configs_carry_the_reference_recipe(name):
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (64, 16, 0.05)
     assert set(cfg.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     q = cfg.quantization
-    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant and q.compute_dtype == "bfloat16"
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant and q.compute_dtype == "auto"
+    assert cfg.precision == "auto"  # the hardware decides (gpu_jobs.precision)
 
 
 def test_overrides_are_yaml_parsed_and_nested():
@@ -48,9 +49,9 @@ def test_overrides_are_yaml_parsed_and_nested():
 def test_to_dict_is_the_full_resolved_config():
     d = load_config(MINILM).to_dict()
     assert isinstance(load_config(MINILM), CrossEncoderConfig)
-    assert {"family", "name", "model_name", "seed", "tta", "training", "inference", "text"} <= set(d)
+    assert {"family", "name", "model_name", "seed", "tta", "precision", "training", "inference", "text"} <= set(d)
     assert {"max_length", "epochs", "batch_size", "grad_accum", "lr", "head_lr", "weight_decay", "warmup_steps",
-            "scheduler", "gradient_checkpointing", "bf16", "attention_dropout", "group_by_length",
+            "scheduler", "gradient_checkpointing", "attention_dropout", "group_by_length",
             "max_train_rows", "checkpoint_every_steps"} <= set(d["training"])
 
 
@@ -59,7 +60,9 @@ def test_to_dict_is_the_full_resolved_config():
     (MINILM, ["bogus=1"], "bogus"),                                  # unknown top-level key
     (MINILM, ["training.lr=fast"], "training.lr"),                   # wrong type
     (MINILM, ["training.epochs=1.5"], "training.epochs"),            # float for an int
-    (MINILM, ["training.bf16=3"], "training.bf16"),                  # int for a bool
+    (MINILM, ["tta=3"], "tta"),                                      # int for a bool
+    (MINILM, ["precision=bf17"], "precision"),                       # not a precision
+    (MINILM, ["training.bf16=true"], "training.bf16"),               # renamed: says the new key
     (MINILM, ["training.lr=0"], "training.lr"),                      # impossible value
     (MINILM, ["training.lr=-1e-4"], "training.lr"),
     (MINILM, ["training.max_length=8"], "training.max_length"),

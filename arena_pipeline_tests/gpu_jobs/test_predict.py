@@ -20,13 +20,13 @@ PAIRS = ROOT / "data" / "shipped" / "arena_bench_pairs.parquet"
 CONFIGS = ROOT / "gpu_jobs" / "configs"
 
 
-def make_model_dir(path: Path, bf16: bool = False) -> Path:
+def make_model_dir(path: Path, precision: str = "fp32") -> Path:
     """A MiniLM cross-encoder model directory without training: a random, larger-scale head, so that its
     predictions are far from uniform and differ between A/B orders."""
     from gpu_jobs.models import cross_encoder
 
     cfg = load_config(CONFIGS / "cross_encoder_minilm.yaml",
-                      [f"training.bf16={str(bf16).lower()}", "inference.max_length=64", "inference.batch_size=4"])
+                      [f"precision={precision}", "inference.max_length=64", "inference.batch_size=4"])
     model, tokenizer = cross_encoder.build(cfg)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_tta_swaps_texts_and_permutes_back(model_dir):
 def test_bf16_autocast_predictions_are_close_to_fp32(tmp_path, model_dir):
     frame = rows(12)
     fp32, _ = predict_frame(model_dir, frame)
-    bf16, _ = predict_frame(make_model_dir(tmp_path / "bf16", bf16=True), frame)
+    bf16, _ = predict_frame(make_model_dir(tmp_path / "bf16", precision="bf16"), frame)
     assert np.abs(bf16 - fp32).max() < 0.05
 
 

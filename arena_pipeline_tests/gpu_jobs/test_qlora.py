@@ -1,4 +1,4 @@
-"""The QLoRA path (4-bit NF4 base, double quant, bf16 compute, LoRA + fully trained head) on SmolLM2.
+"""The QLoRA path (4-bit NF4 base, double quant, compute in the resolved precision, LoRA + fully trained head) on SmolLM2.
 
 bitsandbytes runs 4-bit on the CPU (slowly): a few steps, the adapter saved and loaded back for prediction.
 """
@@ -14,6 +14,7 @@ import torch
 
 from gpu_jobs import data as D
 from gpu_jobs.config import load_config, save_config
+from gpu_jobs.precision import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 PAIRS = ROOT / "data" / "shipped" / "arena_bench_pairs.parquet"
@@ -33,7 +34,8 @@ def test_qlora_trains_saves_the_adapter_and_predicts(tmp_path):
         "lora.r=4", "lora.alpha=8", "inference.max_length=48", "inference.batch_size=4"])
     frame = pd.read_parquet(PAIRS).head(8)
     AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    precision = resolve("auto", "cpu")
+    accelerator = Accelerator(cpu=True, mixed_precision=precision.mixed_precision)
     try:
         model, tokenizer, stats = fit_neural(cfg, frame, D.targets(frame), D.sample_weights(frame), accelerator, None)
     finally:
@@ -44,7 +46,7 @@ def test_qlora_trains_saves_the_adapter_and_predicts(tmp_path):
     assert base.is_loaded_in_4bit
     linear4 = base.model.layers[0].self_attn.q_proj.base_layer
     assert type(linear4).__name__ == "Linear4bit" and linear4.weight.quant_type == "nf4"
-    assert linear4.compute_dtype == torch.bfloat16 and linear4.weight.quant_state.nested  # double quant
+    assert linear4.compute_dtype == precision.dtype and linear4.weight.quant_state.nested  # double quant
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and any("score.modules_to_save" in n for n in trainable)
     assert not any("lora" not in n and "score" not in n for n in trainable)

@@ -14,6 +14,7 @@ import pytest
 
 from gpu_jobs import data as D
 from gpu_jobs.config import load_config
+from gpu_jobs.precision import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 PAIRS = ROOT / "data" / "shipped" / "arena_bench_pairs.parquet"
@@ -26,7 +27,7 @@ def accelerator():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    acc = Accelerator(cpu=True, mixed_precision="bf16")
+    acc = Accelerator(cpu=True, mixed_precision=resolve("auto", "cpu").mixed_precision)
     yield acc
     AcceleratorState._reset_state(reset_partial_state=True)
 

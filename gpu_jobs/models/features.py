@@ -837,7 +837,10 @@ class FeaturesModel:
         cfg_path = model_dir / "config.yaml"
         if not cfg_path.exists():
             raise FileNotFoundError(f"{cfg_path} not found; is {model_dir} a features model directory?")
+        from gpu_jobs.config import RESOLVED_KEY  # here: gpu_jobs.config imports this module
+
         raw = yaml.safe_load(cfg_path.read_text()) or {}
+        raw.pop(RESOLVED_KEY, None)  # what the training job's hardware gave; not a setting
         if raw.get("family") != FAMILY:
             raise ValueError(f"{cfg_path}: family is {raw.get('family')!r}, expected '{FAMILY}'")
         model = cls(FeaturesConfig.from_dict(raw))

@@ -3,7 +3,8 @@
 ``AutoModelForSequenceClassification`` on a Llama / Gemma checkpoint is exactly that model once
 ``config.pad_token_id`` is set (it pools the last non-pad token). LoRA adapters go on
 q,k,v,o,gate,up,down; the head (``score``) is trained fully through ``modules_to_save``. QLoRA loads the
-base in 4-bit NF4 with double quantisation and bf16 compute, then ``prepare_model_for_kbit_training``.
+base in 4-bit NF4 with double quantisation and a compute dtype of the job's resolved precision (bf16 where
+the hardware has it), then ``prepare_model_for_kbit_training``.
 The model directory holds the adapter + head (or the full weights when ``lora: null``) and the tokenizer;
 the base model is found again from ``model_name`` in the saved config.
 """
@@ -16,10 +17,10 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from gpu_jobs.models.loading import resolve_model
+from gpu_jobs.precision import resolve
 
 HEAD_NAMES = ("score",)
 LABELS = {0: "A", 1: "B", 2: "tie"}
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def load_tokenizer(path) -> AutoTokenizer:
@@ -30,24 +31,28 @@ def load_tokenizer(path) -> AutoTokenizer:
     return tokenizer
 
 
-def _quantization_config(cfg):
+def _quantization_config(cfg, compute_dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     q = cfg.quantization
+    if q.compute_dtype != "auto":
+        compute_dtype = getattr(torch, q.compute_dtype)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
                               bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
-                              bnb_4bit_compute_dtype=DTYPES[q.compute_dtype])
+                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 def _base_model(cfg, path: str, tokenizer, device=None):
     quantised = cfg.quantization.load_in_4bit
-    # frozen base weights in bf16 when training in bf16 (half the memory); trainable weights are cast to fp32
-    dtype = torch.bfloat16 if (cfg.training.bf16 and cfg.lora is not None) or quantised else torch.float32
+    precision = resolve(cfg.precision, str(device) if device is not None else None)
+    # frozen base weights in the compute precision (bf16: half the memory) under LoRA or 4-bit; trainable
+    # weights are cast to fp32 after wrapping
+    dtype = precision.dtype if (cfg.lora is not None or quantised) else torch.float32
     kwargs = dict(num_labels=3, id2label=LABELS, label2id={v: k for k, v in LABELS.items()}, dtype=dtype)
     if cfg.training.attention_dropout is not None:
         kwargs["attention_dropout"] = cfg.training.attention_dropout
     if quantised:
-        kwargs["quantization_config"] = _quantization_config(cfg)
+        kwargs["quantization_config"] = _quantization_config(cfg, precision.dtype)
         kwargs["device_map"] = {"": str(device) if device is not None else "cpu"}  # 4-bit weights load in place
     model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
