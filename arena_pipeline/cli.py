@@ -101,15 +101,22 @@ def cmd_predict(args) -> int:
     from arena_pipeline.data.clean import clean_frame
     from arena_pipeline.data.load import read_table
     from arena_pipeline.data.schema import DataError
-    from arena_pipeline.resources.storage import ArenaStorage
+    from arena_pipeline.resources.storage import ArenaStorage, OverwriteError, refuse_overwrite
 
     bundle = Path(args.bundle) if args.bundle else ArenaStorage().bundle_dir
     try:
+        refuse_overwrite([("--output", args.output)], [("--input", args.input), ("--bundle", bundle)])
         load_manifest(bundle)
         raw = read_table(args.input)
         frame, _ = clean_frame(raw, file=str(args.input), labelled=False, dedupe=False)
-    except (DataError, BundleError) as err:
+    except (DataError, BundleError, OverwriteError) as err:
         raise InputError(str(err)) from None
+    if frame.empty:
+        import numpy as np
+
+        _write_table(submission_frame(frame["id"], np.zeros((0, 3))), Path(args.output))
+        print(f"{args.input}: header only, 0 rows scored -> {args.output}")
+        return EXIT_OK
     start = time.time()
     from tqdm import tqdm
 
@@ -133,12 +140,17 @@ def cmd_evaluate(args) -> int:
     from arena_pipeline.data.folds import label_index
     from arena_pipeline.data.load import read_predictions, read_table
     from arena_pipeline.data.schema import DataError
+    from arena_pipeline.resources.storage import OverwriteError, refuse_overwrite
 
+    folder = Path(args.plots) if args.plots else None
+    pngs = [folder / "confusion_matrix.png", folder / "reliability.png"] if folder else []
     try:
+        refuse_overwrite([("--plots", png) for png in pngs],
+                         [("--predictions", args.predictions), ("--labels", args.labels)])
         preds = read_predictions(args.predictions)
         labels_raw = read_table(args.labels)
         labels, _ = clean_frame(labels_raw, file=str(args.labels), labelled=True, dedupe=False)
-    except DataError as err:
+    except (DataError, OverwriteError) as err:
         raise InputError(str(err)) from None
     preds = preds.set_index("id")
     missing = [i for i in labels["id"] if i not in preds.index]
@@ -157,11 +169,10 @@ def cmd_evaluate(args) -> int:
     print(f"  {'bin':<11} {'rows':>5} {'confidence':>10} {'accuracy':>9}")
     for row in plots.reliability_table(y, p):
         print(f"  {row['bin']:<11} {row['rows']:>5} {row['confidence']:>10.3f} {row['accuracy']:>9.3f}")
-    if args.plots:
-        folder = Path(args.plots)
-        plots.confusion_matrix(y, p, folder / "confusion_matrix.png")
-        plots.reliability_diagram(y, p, folder / "reliability.png")
-        print(f"\nplots: {folder / 'confusion_matrix.png'}, {folder / 'reliability.png'}")
+    if pngs:
+        plots.confusion_matrix(y, p, pngs[0])
+        plots.reliability_diagram(y, p, pngs[1])
+        print(f"\nplots: {pngs[0]}, {pngs[1]}")
     return EXIT_OK
 
 

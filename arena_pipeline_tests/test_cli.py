@@ -1,7 +1,9 @@
 """`arena-pipeline` commands run as subprocesses against the smoke run's instance and bundle."""
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,10 +20,20 @@ from arena_pipeline.config import REPO_ROOT, SHIPPED
 pytestmark = pytest.mark.slow
 
 
-def cli(args, home: Path, timeout=600):
+def cli(args, home: Path, timeout=600, cwd=REPO_ROOT):
     env = {**os.environ, "DAGSTER_HOME": str(home), "ARENA_PROFILE": "smoke"}
-    return subprocess.run([sys.executable, "-m", "arena_pipeline.cli", *args], cwd=REPO_ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "arena_pipeline.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def one_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +77,64 @@ def test_predict_bad_input_is_one_line_and_writes_nothing(smoke_run, kaggle_test
     expected = {"missing_file": "nope.csv", "missing_column": "response_b", "unknown_bundle": "no_bundle"}[case]
     assert expected in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["same_string", "dot_slash", "symlinked_input", "hard_link"])
+def test_predict_refuses_to_overwrite_its_input(kaggle_test, isolated_home, tmp_path, case):
+    """The output names the input file in another spelling: exit 2, one line naming both, input byte-identical."""
+    shutil.copy(kaggle_test / "test.csv", tmp_path / "test.csv")
+    inp, out = {"same_string": ("test.csv", "test.csv"), "dot_slash": ("test.csv", "./test.csv"),
+                "symlinked_input": ("link.csv", "test.csv"), "hard_link": ("test.csv", "hard.csv")}[case]
+    if case == "symlinked_input":
+        (tmp_path / "link.csv").symlink_to(tmp_path / "test.csv")
+    elif case == "hard_link":
+        os.link(tmp_path / "test.csv", tmp_path / "hard.csv")
+    before = sha256(tmp_path / "test.csv")
+    proc = cli(["predict", "--input", inp, "--output", out], isolated_home, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    line = one_line(proc.stderr)
+    assert f"--output {out} " in line and f"--input {inp} " in line
+    assert sha256(tmp_path / "test.csv") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"test.csv", Path(inp).name, Path(out).name})
+
+
+def test_predict_refuses_to_write_into_the_bundle(smoke_run, kaggle_test):
+    manifest = smoke_run["storage"].bundle_dir / "bundle.json"
+    before = sha256(manifest)
+    proc = cli(["predict", "--input", str(kaggle_test / "test.csv"), "--output", str(manifest)], smoke_run["home"])
+    assert proc.returncode == 2 and "--bundle" in one_line(proc.stderr)
+    assert sha256(manifest) == before
+
+
+def test_predict_header_only_input_scores_zero_rows(smoke_run, tmp_path):
+    header = tmp_path / "test.csv"
+    header.write_text("id,prompt,response_a,response_b\n")
+    before = sha256(header)
+    proc = cli(["predict", "--input", "test.csv", "--output", "out.csv"], smoke_run["home"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "test.csv: header only, 0 rows scored -> out.csv"
+    out = pd.read_csv(tmp_path / "out.csv")
+    assert len(out) == 0 and list(out.columns) == ["id", "winner_model_a", "winner_model_b", "winner_tie"]
+    assert sha256(header) == before
+
+
+@pytest.mark.parametrize("case", ["plots_is_the_labels", "plot_hard_linked_to_labels"])
+def test_evaluate_refuses_plots_over_an_input(kaggle_test, isolated_home, tmp_path, case):
+    shutil.copy(kaggle_test / "labels.csv", tmp_path / "labels.csv")
+    pd.read_csv(tmp_path / "labels.csv")[["id"]].assign(winner_model_a=0.4, winner_model_b=0.4, winner_tie=0.2).to_csv(
+        tmp_path / "preds.csv", index=False)
+    plots = "./labels.csv"
+    if case == "plot_hard_linked_to_labels":
+        plots = "plots"
+        (tmp_path / "plots").mkdir()
+        os.link(tmp_path / "labels.csv", tmp_path / "plots" / "confusion_matrix.png")
+    before = {name: sha256(tmp_path / name) for name in ("labels.csv", "preds.csv")}
+    proc = cli(["evaluate", "--predictions", "preds.csv", "--labels", "labels.csv", "--plots", plots],
+               isolated_home, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    line = one_line(proc.stderr)
+    assert "--plots" in line and "--labels labels.csv" in line and "rows" not in proc.stdout
+    assert {name: sha256(tmp_path / name) for name in before} == before
 
 
 def test_evaluate_reports_numbers_and_plots(smoke_run, kaggle_test, tmp_path):
