@@ -10,18 +10,22 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
+import dagster as dg
 import pandas as pd
 import pytest
 
-from arena_pipeline.config import REPO_ROOT, SHIPPED
+from arena_pipeline.cli import MODELS, OUTPUT_FORMATS, STAGES
+from arena_pipeline.config import PROFILES, REPO_ROOT, SHIPPED, SMOKE
+from arena_pipeline.resources.tracking import MlflowTracking
 
 pytestmark = pytest.mark.slow
 
 
-def cli(args, home: Path, timeout=600, cwd=REPO_ROOT):
-    env = {**os.environ, "DAGSTER_HOME": str(home), "ARENA_PROFILE": "smoke"}
+def cli(args, home: Path, timeout=600, cwd=REPO_ROOT, **env_extra):
+    env = {**os.environ, "DAGSTER_HOME": str(home), "ARENA_PROFILE": "smoke", **env_extra}
     return subprocess.run([sys.executable, "-m", "arena_pipeline.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -168,6 +172,79 @@ def test_runs_lists_the_smoke_jobs(smoke_run):
     assert {r[1] for r in rows} == {"features", "cross_encoder_minilm"}
     losses = [float(r[3]) for r in rows]
     assert losses == sorted(losses)  # sorted by validation log loss
+
+
+def test_runs_lists_ensembles_of_the_smoke_run(smoke_run):
+    proc = cli(["runs"], smoke_run["home"])
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()[1:]]
+    assert {r[0] for r in rows} == set(STAGES)  # every stage tag the pipeline logs is a --stage choice
+    assert {(r[0], r[1], r[2]) for r in rows if r[1] == "ensemble"} == {("stage1_ensemble", "ensemble", "all"),
+                                                                       ("final_ensemble", "ensemble", "all")}
+    assert {r[6] for r in rows} == {"FINISHED"} and {r[8] for r in rows} == {smoke_run["result"].run_id}
+
+
+def test_runs_table_has_status_start_and_full_links(isolated_home, tmp_path):
+    """Runs logged the way the assets log them (MlflowTracking.log_job, ensembles.log_ensemble) into a fresh store."""
+    from arena_pipeline.assets.ensembles import log_ensemble
+
+    tracking = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    spec = tmp_path / "final_ensemble.json"
+    spec.write_text("{}")
+    summary = {"method": "powell", "weights": {"stage2/features": 1.0}, "folds": [0], "temperature": 1.1,
+               "uniform_blend_log_loss": 1.05, "fitted_blend_log_loss_in_sample": 0.98, "fitted_blend_log_loss_cv": 0.99,
+               "fitted_blend_accuracy": 0.5, "class_prior_log_loss": 1.09, "n_rows": 59,
+               "member_log_loss": {"stage2/features": 1.02}, "per_class_loss": {"a": 1.0, "b": 1.0, "tie": 1.0}}
+
+    @dg.asset
+    def fits(context: dg.AssetExecutionContext, mlflow: MlflowTracking) -> None:
+        mlflow.log_job(context, stage="stage2", model="features", fold=0, params={"training": {"lr": 0.1}},
+                       metrics={"val_log_loss": 1.02, "val_accuracy": 0.44, "train_examples_per_s": 400.0})
+        log_ensemble(context, mlflow, "final_ensemble", summary, {}, spec)
+
+    result = dg.materialize([fits], resources={"mlflow": tracking})
+    client = tracking.client()
+    exp = client.get_experiment_by_name("arena-pipeline").experiment_id
+    logged = {r.data.tags["model"]: r for r in client.search_runs([exp], "tags.kind != 'pipeline'")}
+    proc = cli(["runs"], isolated_home, ARENA_MLFLOW_URI=tracking.uri)
+    assert proc.returncode == 0, proc.stderr
+    header, *lines = proc.stdout.splitlines()
+    assert header.split() == ["stage", "model", "fold", "val_log_loss", "val_acc", "train_ex/s", "status", "start",
+                              "dagster_run", "mlflow_run"]
+    rows = [line.split() for line in lines]
+    assert [r[:5] for r in rows] == [["final_ensemble", "ensemble", "all", "0.9900", "0.500"],  # best loss first
+                                     ["stage2", "features", "0", "1.0200", "0.440"]]
+    for row in rows:
+        run = logged[row[1]]
+        assert row[6] == "FINISHED" and row[8] == result.run_id
+        assert row[7] == datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%dT%H:%M:%S")
+        assert row[9] == f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{run.info.run_id}"
+
+
+@pytest.mark.parametrize("args", [["runs", "--stage", "bogus"], ["runs", "--model", "bogus"],
+                                  ["demo", "--job", "bogus"], ["demo", "--profile", "bogus"], ["bogus"], ["demo"]])
+def test_unknown_values_are_one_line_exit_2(isolated_home, args):
+    proc = cli(args, isolated_home, ARENA_PROFILE="bogus")  # `demo` alone takes its profile from ARENA_PROFILE
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "bogus" in one_line(proc.stderr) and ("invalid choice" in proc.stderr or "unknown profile" in proc.stderr)
+
+
+@pytest.mark.parametrize("command", ["demo", "predict", "evaluate", "runs", "ui"])
+def test_help_names_choices_examples_and_exit_codes(isolated_home, command):
+    from arena_pipeline.jobs import JOBS, build_jobs
+
+    proc = cli([command, "--help"], isolated_home)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())  # argparse wraps long lines
+    assert "examples: arena-pipeline " + command in text and "exit codes: 0 success" in text
+    expected = {"demo": [*JOBS, *PROFILES, "1 the run failed", "2 unknown --profile or --job"],
+                "predict": [*OUTPUT_FORMATS, "2 bad input", "output that is an input"],
+                "evaluate": ["2 bad input", "plots over an input"],
+                "runs": [*STAGES, *MODELS, "status", "start", "2 unknown --stage or --model"],
+                "ui": ["Ctrl-C"]}[command]
+    assert [word for word in expected if word not in text] == []
+    if command == "demo":  # the choices are the jobs the code location defines
+        assert list(JOBS) == [job.name for job in build_jobs(SMOKE)]
 
 
 def _free_port() -> int:
