@@ -1,7 +1,8 @@
 """`arena-pipeline`: run the demo, score files with a bundle, evaluate predictions, list runs, start the UIs.
 
-Exit codes: 0 success; 1 the pipeline or a job failed; 2 bad input (missing file or column, unknown bundle,
-invalid predictions) — reported as one line on stderr, nothing written.
+Exit codes: 0 success; 1 the pipeline or a job failed; 2 bad input (unknown command, option or value,
+missing file or column, unknown bundle, invalid predictions, an output that would overwrite an input) —
+reported as one line on stderr, nothing written.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def _ensure_instance() -> Path:
     return home
 
 
+OUTPUT_FORMATS = (".csv", ".parquet", ".jsonl", ".json")
+
+
 def _write_table(frame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -46,6 +50,8 @@ def _write_table(frame, path: Path) -> None:
 
 # ---------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
+    if args.profile not in PROFILES:  # a default taken from $ARENA_PROFILE skips argparse's choices check
+        raise InputError(f"ARENA_PROFILE={args.profile}: unknown profile; choose one of {', '.join(sorted(PROFILES))}")
     os.environ["ARENA_PROFILE"] = args.profile
     home = _ensure_instance()
     import dagster as dg
@@ -106,15 +112,24 @@ def cmd_predict(args) -> int:
     from arena_pipeline.data.clean import clean_frame
     from arena_pipeline.data.load import read_table
     from arena_pipeline.data.schema import DataError
-    from arena_pipeline.resources.storage import ArenaStorage
+    from arena_pipeline.resources.storage import ArenaStorage, OverwriteError, refuse_overwrite
 
     bundle = Path(args.bundle) if args.bundle else ArenaStorage().bundle_dir
+    if Path(args.output).suffix not in OUTPUT_FORMATS:
+        raise InputError(f"--output {args.output}: unknown format; end the name with one of {', '.join(OUTPUT_FORMATS)}")
     try:
+        refuse_overwrite([("--output", args.output)], [("--input", args.input), ("--bundle", bundle)])
         load_manifest(bundle)
         raw = read_table(args.input)
         frame, _ = clean_frame(raw, file=str(args.input), labelled=False, dedupe=False)
-    except (DataError, BundleError) as err:
+    except (DataError, BundleError, OverwriteError) as err:
         raise InputError(str(err)) from None
+    if frame.empty:
+        import numpy as np
+
+        _write_table(submission_frame(frame["id"], np.zeros((0, 3))), Path(args.output))
+        print(f"{args.input}: header only, 0 rows scored -> {args.output}")
+        return EXIT_OK
     start = time.time()
     from tqdm import tqdm
 
@@ -138,12 +153,17 @@ def cmd_evaluate(args) -> int:
     from arena_pipeline.data.folds import label_index
     from arena_pipeline.data.load import read_predictions, read_table
     from arena_pipeline.data.schema import DataError
+    from arena_pipeline.resources.storage import OverwriteError, refuse_overwrite
 
+    folder = Path(args.plots) if args.plots else None
+    pngs = [folder / "confusion_matrix.png", folder / "reliability.png"] if folder else []
     try:
+        refuse_overwrite([("--plots", png) for png in pngs],
+                         [("--predictions", args.predictions), ("--labels", args.labels)])
         preds = read_predictions(args.predictions)
         labels_raw = read_table(args.labels)
         labels, _ = clean_frame(labels_raw, file=str(args.labels), labelled=True, dedupe=False)
-    except DataError as err:
+    except (DataError, OverwriteError) as err:
         raise InputError(str(err)) from None
     preds = preds.set_index("id")
     missing = [i for i in labels["id"] if i not in preds.index]
@@ -162,16 +182,21 @@ def cmd_evaluate(args) -> int:
     print(f"  {'bin':<11} {'rows':>5} {'confidence':>10} {'accuracy':>9}")
     for row in plots.reliability_table(y, p):
         print(f"  {row['bin']:<11} {row['rows']:>5} {row['confidence']:>10.3f} {row['accuracy']:>9.3f}")
-    if args.plots:
-        folder = Path(args.plots)
-        plots.confusion_matrix(y, p, folder / "confusion_matrix.png")
-        plots.reliability_diagram(y, p, folder / "reliability.png")
-        print(f"\nplots: {folder / 'confusion_matrix.png'}, {folder / 'reliability.png'}")
+    if pngs:
+        plots.confusion_matrix(y, p, pngs[0])
+        plots.reliability_diagram(y, p, pngs[1])
+        print(f"\nplots: {pngs[0]}, {pngs[1]}")
     return EXIT_OK
 
 
 # ---------------------------------------------------------------- runs
+STAGES = ("stage1", "stage2", "stage1_ensemble", "final_ensemble")  # the `stage` tag of job and ensemble runs
+MODELS = tuple(sorted({m.name for p in PROFILES.values() for m in p.models})) + ("ensemble",)
+
+
 def cmd_runs(args) -> int:
+    from datetime import datetime
+
     from arena_pipeline.resources.tracking import MlflowTracking
 
     tracking = MlflowTracking(tracking_uri=os.environ.get("ARENA_MLFLOW_URI", ""))
@@ -180,21 +205,27 @@ def cmd_runs(args) -> int:
     if exp is None:
         print("no runs yet: run `arena-pipeline demo` first")
         return EXIT_OK
-    filters = ["tags.kind = 'job'"]
-    if args.stage:
-        filters.append(f"tags.stage = '{args.stage}'")
-    if args.model:
-        filters.append(f"tags.model = '{args.model}'")
-    runs = client.search_runs([exp.experiment_id], filter_string=" and ".join(filters), max_results=1000)
-    rows = sorted(runs, key=lambda r: r.data.metrics.get("val_log_loss", float("inf")))
-    print(f"{'stage':<7} {'model':<26} {'fold':>4} {'val_log_loss':>12} {'val_acc':>8} {'train_ex/s':>10} "
-          f"{'dagster_run':<10} mlflow_run")
-    for run in rows:
+    filters = [f"tags.{key} = '{value}'" for key, value in (("stage", args.stage), ("model", args.model)) if value]
+    runs = [run for kind in ("job", "ensemble") for run in client.search_runs(
+        [exp.experiment_id], filter_string=" and ".join([f"tags.kind = '{kind}'", *filters]), max_results=1000)]
+    if not runs:
+        print(f"no runs match {' '.join(filters) or 'in ' + tracking.uri}")
+        return EXIT_OK
+
+    def loss(run):  # an ensemble's validation loss is its cross-validated blend loss
+        m = run.data.metrics
+        return m.get("val_log_loss", m.get("fitted_blend_log_loss_cv", float("inf")))
+
+    print(f"{'stage':<15} {'model':<26} {'fold':>4} {'val_log_loss':>12} {'val_acc':>8} {'train_ex/s':>10} "
+          f"{'status':<8} {'start':<19} {'dagster_run':<36} mlflow_run")
+    for run in sorted(runs, key=loss):
         m, t = run.data.metrics, run.data.tags
-        print(f"{t.get('stage', ''):<7} {t.get('model', ''):<26} {t.get('fold', ''):>4} "
-              f"{m.get('val_log_loss', float('nan')):>12.4f} {m.get('val_accuracy', float('nan')):>8.3f} "
-              f"{m.get('train_examples_per_s', float('nan')):>10.1f} {t.get('dagster_run_id', '')[:8]:<10} "
-              f"{run.info.run_id[:12]}")
+        acc = m.get("val_accuracy", m.get("fitted_blend_accuracy", float("nan")))
+        fold = "all" if t.get("fold") == "-1" else t.get("fold", "")
+        start = datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%dT%H:%M:%S")
+        print(f"{t.get('stage', ''):<15} {t.get('model', ''):<26} {fold:>4} {loss(run):>12.4f} {acc:>8.3f} "
+              f"{m.get('train_examples_per_s', float('nan')):>10.1f} {run.info.status:<8} {start:<19} "
+              f"{t.get('dagster_run_id', ''):<36} {tracking.run_link(exp.experiment_id, run.info.run_id)}")
     return EXIT_OK
 
 
@@ -229,36 +260,100 @@ def cmd_ui(args) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arena-pipeline", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """Usage errors (unknown command, value or option) are bad input: one line on stderr, exit 2."""
 
-    demo = sub.add_parser("demo", help="run the whole graph (raw files -> predictor bundle) on a profile")
-    demo.add_argument("--profile", choices=sorted(PROFILES), default=os.environ.get("ARENA_PROFILE", "demo"))
-    demo.add_argument("--job", default="full_pipeline_job", help="which job to run (default: everything)")
-    demo.add_argument("--time-budget", type=int, default=None, metavar="MINUTES",
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def _command(sub, name: str, summary: str, description: str, examples: str, exits: str) -> argparse.ArgumentParser:
+    """A sub-command whose --help shows what it does, examples and its exit codes."""
+    epilog = f"examples:\n{examples}\n\nexit codes:\n  0  success\n{exits}"
+    return sub.add_parser(name, help=summary, description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _minutes(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more minutes, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from arena_pipeline.jobs import JOBS
+
+    parser = _Parser(prog="arena-pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="`arena-pipeline COMMAND --help` shows a command's options, allowed values, examples "
+                            "and exit codes.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,predict,evaluate,runs,ui}")
+
+    jobs = "\n".join(f"  {name:<18} {text}" for name, text in JOBS.items())
+    demo = _command(sub, "demo", "run the whole graph (raw files -> predictor bundle) on a profile",
+                    "Run one Dagster job in this process on a profile, print the wall time of each asset, the final "
+                    "log loss next to\nthe best single member and the class prior, and where the bundle is. State "
+                    f"goes to $DAGSTER_HOME.\n\njobs:\n{jobs}",
+                    "  arena-pipeline demo                          # demo profile, every asset but the evaluation\n"
+                    "  arena-pipeline demo --profile smoke          # the test-suite sizes, a minute or two on 2 cores",
+                    "  1  the run failed (the failing step is named above; `arena-pipeline ui` shows it)\n"
+                    "  2  unknown --profile or --job: one line on stderr")
+    demo.add_argument("--profile", choices=sorted(PROFILES), default=os.environ.get("ARENA_PROFILE", "demo"),
+                      help="sizes and models (default: $ARENA_PROFILE, else demo)")
+    demo.add_argument("--job", choices=list(JOBS), default="full_pipeline_job", metavar="JOB",
+                      help="one of: %(choices)s (default: %(default)s; see jobs above)")
+    demo.add_argument("--time-budget", type=_minutes, default=None, metavar="MINUTES",
                       help="size the neural members to finish in about this many minutes on this CPU, from a short "
-                           "throughput probe (default: the profile's own budget, 20 for demo; 0: run the profile as is)")
+                           "throughput probe (default: the profile's own budget, 20 for demo; 0: run the profile "
+                           "as is)")
     demo.set_defaults(func=cmd_demo)
 
-    predict = sub.add_parser("predict", help="score a CSV/parquet/JSONL file (Kaggle test.csv included)")
-    predict.add_argument("--bundle", help="bundle folder (default: the local instance's latest bundle)")
-    predict.add_argument("--input", required=True)
-    predict.add_argument("--output", required=True, help=".csv (Kaggle submission), .parquet or .jsonl")
+    predict = _command(sub, "predict", "score a CSV/parquet/JSONL file (Kaggle test.csv included)",
+                       "Score every row of a pair file (id, prompt, response_a, response_b) with a predictor bundle; "
+                       "write id,\nwinner_model_a, winner_model_b, winner_tie. A header-only input gives a header-only "
+                       "output. The output may\nnot be an input (the same file under any name: symlink, hard link, "
+                       "./x) nor lie inside the bundle.",
+                       "  arena-pipeline predict --input test.csv --output submission.csv\n"
+                       "  arena-pipeline predict --bundle path/to/bundle --input pairs.parquet --output scores.parquet",
+                       "  2  bad input, one line on stderr, nothing written: missing file or column, not a bundle,\n"
+                       "     output that is an input, unknown output format")
+    predict.add_argument("--bundle", metavar="DIR", help="bundle folder (default: the local instance's latest bundle)")
+    predict.add_argument("--input", required=True, metavar="FILE", help=".csv, .parquet, .jsonl or a saved HF dataset")
+    predict.add_argument("--output", required=True, metavar="FILE",
+                         help=f"{', '.join(OUTPUT_FORMATS)} (.csv is the Kaggle submission layout)")
     predict.set_defaults(func=cmd_predict)
 
-    evaluate = sub.add_parser("evaluate", help="log loss, accuracy, per-class loss and calibration of predictions")
-    evaluate.add_argument("--predictions", required=True)
-    evaluate.add_argument("--labels", required=True)
-    evaluate.add_argument("--plots", help="folder for confusion-matrix and reliability PNGs")
+    evaluate = _command(sub, "evaluate", "log loss, accuracy, per-class loss and calibration of predictions",
+                        "Compare a prediction file (id + winner_model_a/b/tie or p_a/p_b/p_tie) with labelled pairs: "
+                        "rows, log loss,\naccuracy, per-class loss, class-prior log loss and a calibration table; "
+                        "optionally confusion_matrix.png and\nreliability.png in a folder (refused when one of them "
+                        "would overwrite an input).",
+                        "  arena-pipeline evaluate --predictions submission.csv --labels labels.csv\n"
+                        "  arena-pipeline evaluate --predictions submission.csv --labels labels.csv --plots plots/",
+                        "  2  bad input, one line on stderr, nothing written: missing file or column, a labelled id "
+                        "without\n     prediction, probabilities not finite / not summing to 1, plots over an input")
+    evaluate.add_argument("--predictions", required=True, metavar="FILE")
+    evaluate.add_argument("--labels", required=True, metavar="FILE", help="pairs with winner_model_a/b/tie")
+    evaluate.add_argument("--plots", metavar="DIR", help="folder for confusion_matrix.png and reliability.png")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    runs = sub.add_parser("runs", help="table of MLflow runs sorted by validation log loss")
-    runs.add_argument("--stage")
-    runs.add_argument("--model")
+    runs = _command(sub, "runs", "table of MLflow runs (jobs and ensembles) sorted by validation log loss",
+                    "List the MLflow runs of training jobs and ensemble fits, best validation log loss first (an "
+                    "ensemble's is its\ncross-validated blend loss). Columns: stage, model, fold (all = an ensemble "
+                    "over the folds), val_log_loss,\nval_acc, train_ex/s, status, start (local time), the full Dagster "
+                    "run id and the MLflow UI link of the run\n(`arena-pipeline ui` serves it). The store is "
+                    "$DAGSTER_HOME/mlflow/mlflow.db unless $ARENA_MLFLOW_URI is set.",
+                    "  arena-pipeline runs\n  arena-pipeline runs --stage stage1\n"
+                    "  arena-pipeline runs --model ensemble",
+                    "  2  unknown --stage or --model: one line on stderr")
+    runs.add_argument("--stage", choices=STAGES, help="one of: %(choices)s")
+    runs.add_argument("--model", choices=MODELS, metavar="MODEL", help="one of: %(choices)s")
     runs.set_defaults(func=cmd_runs)
 
-    ui = sub.add_parser("ui", help="start the Dagster UI and the MLflow UI on localhost")
+    ui = _command(sub, "ui", "start the Dagster UI and the MLflow UI on localhost",
+                  "Start the Dagster UI and the MLflow UI on 127.0.0.1; Ctrl-C stops both.",
+                  "  arena-pipeline ui\n  arena-pipeline ui --dagster-port 3001 --mlflow-port 5001",
+                  "  2  bad option value: one line on stderr")
     ui.add_argument("--dagster-port", type=int, default=3000)
     ui.add_argument("--mlflow-port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)

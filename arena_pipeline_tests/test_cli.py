@@ -1,27 +1,43 @@
 """`arena-pipeline` commands run as subprocesses against the smoke run's instance and bundle."""
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
+import dagster as dg
 import pandas as pd
 import pytest
 
-from arena_pipeline.config import REPO_ROOT, SHIPPED
+from arena_pipeline.cli import MODELS, OUTPUT_FORMATS, STAGES
+from arena_pipeline.config import PROFILES, REPO_ROOT, SHIPPED, SMOKE
+from arena_pipeline.resources.tracking import MlflowTracking
 
 pytestmark = pytest.mark.slow
 
 
-def cli(args, home: Path, timeout=600):
-    env = {**os.environ, "DAGSTER_HOME": str(home), "ARENA_PROFILE": "smoke"}
-    return subprocess.run([sys.executable, "-m", "arena_pipeline.cli", *args], cwd=REPO_ROOT, env=env,
+def cli(args, home: Path, timeout=600, cwd=REPO_ROOT, **env_extra):
+    env = {**os.environ, "DAGSTER_HOME": str(home), "ARENA_PROFILE": "smoke", **env_extra}
+    return subprocess.run([sys.executable, "-m", "arena_pipeline.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def one_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +83,64 @@ def test_predict_bad_input_is_one_line_and_writes_nothing(smoke_run, kaggle_test
     assert not out.exists()
 
 
+@pytest.mark.parametrize("case", ["same_string", "dot_slash", "symlinked_input", "hard_link"])
+def test_predict_refuses_to_overwrite_its_input(kaggle_test, isolated_home, tmp_path, case):
+    """The output names the input file in another spelling: exit 2, one line naming both, input byte-identical."""
+    shutil.copy(kaggle_test / "test.csv", tmp_path / "test.csv")
+    inp, out = {"same_string": ("test.csv", "test.csv"), "dot_slash": ("test.csv", "./test.csv"),
+                "symlinked_input": ("link.csv", "test.csv"), "hard_link": ("test.csv", "hard.csv")}[case]
+    if case == "symlinked_input":
+        (tmp_path / "link.csv").symlink_to(tmp_path / "test.csv")
+    elif case == "hard_link":
+        os.link(tmp_path / "test.csv", tmp_path / "hard.csv")
+    before = sha256(tmp_path / "test.csv")
+    proc = cli(["predict", "--input", inp, "--output", out], isolated_home, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    line = one_line(proc.stderr)
+    assert f"--output {out} " in line and f"--input {inp} " in line
+    assert sha256(tmp_path / "test.csv") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"test.csv", Path(inp).name, Path(out).name})
+
+
+def test_predict_refuses_to_write_into_the_bundle(smoke_run, kaggle_test):
+    manifest = smoke_run["storage"].bundle_dir / "bundle.json"
+    before = sha256(manifest)
+    proc = cli(["predict", "--input", str(kaggle_test / "test.csv"), "--output", str(manifest)], smoke_run["home"])
+    assert proc.returncode == 2 and "--bundle" in one_line(proc.stderr)
+    assert sha256(manifest) == before
+
+
+def test_predict_header_only_input_scores_zero_rows(smoke_run, tmp_path):
+    header = tmp_path / "test.csv"
+    header.write_text("id,prompt,response_a,response_b\n")
+    before = sha256(header)
+    proc = cli(["predict", "--input", "test.csv", "--output", "out.csv"], smoke_run["home"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "test.csv: header only, 0 rows scored -> out.csv"
+    out = pd.read_csv(tmp_path / "out.csv")
+    assert len(out) == 0 and list(out.columns) == ["id", "winner_model_a", "winner_model_b", "winner_tie"]
+    assert sha256(header) == before
+
+
+@pytest.mark.parametrize("case", ["plots_is_the_labels", "plot_hard_linked_to_labels"])
+def test_evaluate_refuses_plots_over_an_input(kaggle_test, isolated_home, tmp_path, case):
+    shutil.copy(kaggle_test / "labels.csv", tmp_path / "labels.csv")
+    pd.read_csv(tmp_path / "labels.csv")[["id"]].assign(winner_model_a=0.4, winner_model_b=0.4, winner_tie=0.2).to_csv(
+        tmp_path / "preds.csv", index=False)
+    plots = "./labels.csv"
+    if case == "plot_hard_linked_to_labels":
+        plots = "plots"
+        (tmp_path / "plots").mkdir()
+        os.link(tmp_path / "labels.csv", tmp_path / "plots" / "confusion_matrix.png")
+    before = {name: sha256(tmp_path / name) for name in ("labels.csv", "preds.csv")}
+    proc = cli(["evaluate", "--predictions", "preds.csv", "--labels", "labels.csv", "--plots", plots],
+               isolated_home, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    line = one_line(proc.stderr)
+    assert "--plots" in line and "--labels labels.csv" in line and "rows" not in proc.stdout
+    assert {name: sha256(tmp_path / name) for name in before} == before
+
+
 def test_evaluate_reports_numbers_and_plots(smoke_run, kaggle_test, tmp_path):
     sub = kaggle_test / "submission_eval.csv"
     assert cli(["predict", "--input", str(kaggle_test / "test.csv"), "--output", str(sub)],
@@ -98,6 +172,79 @@ def test_runs_lists_the_smoke_jobs(smoke_run):
     assert {r[1] for r in rows} == {"features", "cross_encoder_minilm"}
     losses = [float(r[3]) for r in rows]
     assert losses == sorted(losses)  # sorted by validation log loss
+
+
+def test_runs_lists_ensembles_of_the_smoke_run(smoke_run):
+    proc = cli(["runs"], smoke_run["home"])
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()[1:]]
+    assert {r[0] for r in rows} == set(STAGES)  # every stage tag the pipeline logs is a --stage choice
+    assert {(r[0], r[1], r[2]) for r in rows if r[1] == "ensemble"} == {("stage1_ensemble", "ensemble", "all"),
+                                                                       ("final_ensemble", "ensemble", "all")}
+    assert {r[6] for r in rows} == {"FINISHED"} and {r[8] for r in rows} == {smoke_run["result"].run_id}
+
+
+def test_runs_table_has_status_start_and_full_links(isolated_home, tmp_path):
+    """Runs logged the way the assets log them (MlflowTracking.log_job, ensembles.log_ensemble) into a fresh store."""
+    from arena_pipeline.assets.ensembles import log_ensemble
+
+    tracking = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    spec = tmp_path / "final_ensemble.json"
+    spec.write_text("{}")
+    summary = {"method": "powell", "weights": {"stage2/features": 1.0}, "folds": [0], "temperature": 1.1,
+               "uniform_blend_log_loss": 1.05, "fitted_blend_log_loss_in_sample": 0.98, "fitted_blend_log_loss_cv": 0.99,
+               "fitted_blend_accuracy": 0.5, "class_prior_log_loss": 1.09, "n_rows": 59,
+               "member_log_loss": {"stage2/features": 1.02}, "per_class_loss": {"a": 1.0, "b": 1.0, "tie": 1.0}}
+
+    @dg.asset
+    def fits(context: dg.AssetExecutionContext, mlflow: MlflowTracking) -> None:
+        mlflow.log_job(context, stage="stage2", model="features", fold=0, params={"training": {"lr": 0.1}},
+                       metrics={"val_log_loss": 1.02, "val_accuracy": 0.44, "train_examples_per_s": 400.0})
+        log_ensemble(context, mlflow, "final_ensemble", summary, {}, spec)
+
+    result = dg.materialize([fits], resources={"mlflow": tracking})
+    client = tracking.client()
+    exp = client.get_experiment_by_name("arena-pipeline").experiment_id
+    logged = {r.data.tags["model"]: r for r in client.search_runs([exp], "tags.kind != 'pipeline'")}
+    proc = cli(["runs"], isolated_home, ARENA_MLFLOW_URI=tracking.uri)
+    assert proc.returncode == 0, proc.stderr
+    header, *lines = proc.stdout.splitlines()
+    assert header.split() == ["stage", "model", "fold", "val_log_loss", "val_acc", "train_ex/s", "status", "start",
+                              "dagster_run", "mlflow_run"]
+    rows = [line.split() for line in lines]
+    assert [r[:5] for r in rows] == [["final_ensemble", "ensemble", "all", "0.9900", "0.500"],  # best loss first
+                                     ["stage2", "features", "0", "1.0200", "0.440"]]
+    for row in rows:
+        run = logged[row[1]]
+        assert row[6] == "FINISHED" and row[8] == result.run_id
+        assert row[7] == datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%dT%H:%M:%S")
+        assert row[9] == f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{run.info.run_id}"
+
+
+@pytest.mark.parametrize("args", [["runs", "--stage", "bogus"], ["runs", "--model", "bogus"],
+                                  ["demo", "--job", "bogus"], ["demo", "--profile", "bogus"], ["bogus"], ["demo"]])
+def test_unknown_values_are_one_line_exit_2(isolated_home, args):
+    proc = cli(args, isolated_home, ARENA_PROFILE="bogus")  # `demo` alone takes its profile from ARENA_PROFILE
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "bogus" in one_line(proc.stderr) and ("invalid choice" in proc.stderr or "unknown profile" in proc.stderr)
+
+
+@pytest.mark.parametrize("command", ["demo", "predict", "evaluate", "runs", "ui"])
+def test_help_names_choices_examples_and_exit_codes(isolated_home, command):
+    from arena_pipeline.jobs import JOBS, build_jobs
+
+    proc = cli([command, "--help"], isolated_home)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())  # argparse wraps long lines
+    assert "examples: arena-pipeline " + command in text and "exit codes: 0 success" in text
+    expected = {"demo": [*JOBS, *PROFILES, "1 the run failed", "2 unknown --profile or --job"],
+                "predict": [*OUTPUT_FORMATS, "2 bad input", "output that is an input"],
+                "evaluate": ["2 bad input", "plots over an input"],
+                "runs": [*STAGES, *MODELS, "status", "start", "2 unknown --stage or --model"],
+                "ui": ["Ctrl-C"]}[command]
+    assert [word for word in expected if word not in text] == []
+    if command == "demo":  # the choices are the jobs the code location defines
+        assert list(JOBS) == [job.name for job in build_jobs(SMOKE)]
 
 
 def _free_port() -> int:

@@ -10,7 +10,7 @@ from arena_pipeline.bundle import score_frame, submission_frame, write_bundle
 from arena_pipeline.config import Profile
 from arena_pipeline.data.clean import clean_frame
 from arena_pipeline.data.load import read_table
-from arena_pipeline.resources.storage import ArenaStorage, file_version
+from arena_pipeline.resources.storage import ArenaStorage, file_version, refuse_overwrite
 from arena_pipeline.resources.tracking import MlflowTracking
 
 
@@ -23,6 +23,10 @@ def build_bundle_asset(profile: Profile) -> dg.AssetsDefinition:
                           "scores new files without Dagster; writes submission.csv for a configured test file.")
     def predictor_bundle(context: dg.AssetExecutionContext, config: BundleConfig, storage: ArenaStorage,
                          mlflow: MlflowTracking):
+        submission = storage.bundle_dir / "submission.csv"
+        # the bundle folder is replaced whole: a test file inside it would be deleted before it is read
+        refuse_overwrite([("submission", submission), ("bundle folder", storage.bundle_dir)],
+                         [("test_path", config.test_path)])
         spec = json.loads(storage.ensemble("final_ensemble").read_text())
         used = {(m["stage"], m["model"]) for m in spec["members"] if spec["weights"].get(m["name"], 0) > 0}
         model_dirs, configs, versions = {}, {}, {}
@@ -43,9 +47,8 @@ def build_bundle_asset(profile: Profile) -> dg.AssetsDefinition:
         if config.test_path:
             frame, report = clean_frame(read_table(config.test_path), file=config.test_path, labelled=False, dedupe=False)
             probs = score_frame(bundle, frame)
-            out = bundle / "submission.csv"
-            submission_frame(frame["id"], probs).to_csv(out, index=False)
-            metadata.update({"submission": dg.MetadataValue.path(str(out)), "submission_rows": len(frame),
+            submission_frame(frame["id"], probs).to_csv(submission, index=False)
+            metadata.update({"submission": dg.MetadataValue.path(str(submission)), "submission_rows": len(frame),
                              "test_cleaning": dg.MetadataValue.json(report.to_metadata())})
         version, link = mlflow.register_bundle(context, bundle, {
             "final_log_loss_cv": spec["fitted_blend_log_loss_cv"],

@@ -44,6 +44,39 @@ def replace_dir(src: Path, dst: Path) -> Path:
     return dst
 
 
+class OverwriteError(ValueError):
+    """An output path would replace (or sit inside) one of the inputs of the same command or asset."""
+
+
+def _within(path: Path, other: Path) -> bool:
+    """``path`` is ``other`` or lies inside it, compared as files (symlinks, hard links, ``./x`` vs ``x``)."""
+    for candidate in (path, *path.parents):
+        try:
+            if os.path.samefile(candidate, other):
+                return True
+        except OSError:  # not there (yet): cannot be an existing input
+            continue
+    return False
+
+
+def refuse_overwrite(outputs: list[tuple[str, str | Path]], inputs: list[tuple[str, str | Path]]) -> None:
+    """Raise ``OverwriteError`` (one line naming both paths) when writing any output would destroy an input.
+
+    ``outputs`` and ``inputs`` are (label, path) pairs, the label naming the option (``--output``, ``test_path``). An output collides with an
+    input when it is the same file, when it lies inside an input folder, or when the input lies inside an
+    output folder (folders are replaced whole). Call it before anything is written; ``hf://`` inputs are skipped.
+    """
+    for out_label, out in outputs:
+        out_path = Path(os.path.abspath(out))
+        for in_label, inp in inputs:
+            if not inp or str(inp).startswith("hf://"):
+                continue
+            in_path = Path(os.path.abspath(inp))
+            if _within(out_path, in_path) or _within(in_path, out_path):
+                raise OverwriteError(f"{out_label} {out} would overwrite {in_label} {inp} (the same file, or one "
+                                     "inside the other); nothing written. Choose an output path outside the inputs.")
+
+
 def file_version(path: Path) -> str:
     """Content hash (12 hex) used as the Dagster data version and the MLflow `data_version` tag."""
     digest = hashlib.sha256()
