@@ -76,12 +76,13 @@ def main() -> None:
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
 
     print(f"\n{args.n_prompts} prompts, {args.max_new_tokens} new tokens, model {args.model}, "
-          f"{os.cpu_count()} CPUs, threads {args.threads or 'all'}, precision {results[0].get('precision', '?')} (largest single child process RSS {peak_gb:.1f} GB)")
-    header = f"{'backend':<14}{'tokens/s':>10}{'new tokens':>12}{'generate s':>12}{'start-up s':>12}{'process s':>11}{'load':>7}"
+          f"{os.cpu_count()} CPUs, --threads {args.threads or 'auto (cores not busy at start)'} "
+          f"(largest single child process RSS {peak_gb:.1f} GB)")
+    header = f"{'backend':<14}{'precision':>10}{'threads':>8}{'tokens/s':>10}{'new tokens':>12}{'generate s':>12}{'start-up s':>12}{'process s':>11}{'load':>7}"
     print(header)
     print("-" * len(header))
     for m in results:
-        print(f"{m['backend']:<14}{m['tokens_per_s']:>10.1f}{m['new_tokens']:>12}{m['generate_s']:>12.1f}"
+        print(f"{m['backend']:<14}{m['precision']:>10}{m['threads']:>8}{m['tokens_per_s']:>10.1f}{m['new_tokens']:>12}{m['generate_s']:>12.1f}"
               f"{m['startup_s']:>12.1f}{m['process_s']:>11.1f}{m['loadavg_at_start']:>7.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
