@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from arena_pipeline.config import REPO_ROOT
+from arena_pipeline.resources.launcher import process_alive
 
 GRACE_S = 30.0  # a cancelled run's worker needs up to the launcher's termination timeout (20 s) to end its job
 
@@ -54,7 +55,7 @@ def stop_groups(procs: dict[str, subprocess.Popen], grace_s: float = GRACE_S) ->
             proc.wait(timeout=max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
             pass
-    while time.time() < deadline and any(_group_alive(p.pid) for p in procs.values()):
+    while time.time() < deadline and any(process_alive(p.pid, group=True) for p in procs.values()):
         time.sleep(0.2)  # children of a leader that has exited (code servers, run workers, mlflow workers)
     for proc in procs.values():
         _killpg(proc.pid, signal.SIGKILL)
@@ -69,24 +70,6 @@ def _killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # only zombies left? (their parent, the leader, may not have reaped them yet)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
 
 
 def serve(home: Path, tracking_uri: str, dagster_port: int, mlflow_port: int, grace_s: float = GRACE_S) -> int:

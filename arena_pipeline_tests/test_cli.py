@@ -3,10 +3,8 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -14,6 +12,8 @@ import pandas as pd
 import pytest
 
 from arena_pipeline.config import REPO_ROOT, SHIPPED
+from arena_pipeline_tests.ui.support import free_port as _free_port
+from arena_pipeline_tests.ui.support import wait_http as _wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -98,23 +98,6 @@ def test_runs_lists_the_smoke_jobs(smoke_run):
     assert {r[1] for r in rows} == {"features", "cross_encoder_minilm"}
     losses = [float(r[3]) for r in rows]
     assert losses == sorted(losses)  # sorted by validation log loss
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=5)
-            return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(url)
 
 
 def _post_json(url: str, payload: dict) -> dict:

@@ -180,8 +180,9 @@ class JobLauncher(dg.ConfigurableResource):
             relay = MessageRelay(session, on_message, context)
             for reader in [*readers, relay]:
                 reader.start()
-            registration = register_job(context, process.pid, cmd)
+            registration = None
             try:
+                registration = register_job(context, process.pid, cmd)
                 code = process.wait()
                 self.kill_leftovers(process, context)
             except (DagsterExecutionInterruptedError, KeyboardInterrupt):
@@ -306,11 +307,15 @@ def register_job(context, pgid: int, cmd: list[str]) -> Path | None:
     if not root:
         return None
     path = jobs_dir(root) / f"{pgid}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"pgid": pgid, "run_id": run_id, "owner_pid": os.getpid(), "command": cmd,
-                               "started": time.time()}))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"pgid": pgid, "run_id": run_id, "owner_pid": os.getpid(), "command": cmd,
+                                   "started": time.time()}))
+        os.replace(tmp, path)
+    except OSError as exc:  # the job runs all the same; only the clean-up after a dead worker is lost
+        context.log.warning(f"could not register job process group {pgid} under {path.parent}: {exc}")
+        return None
     return path
 
 
@@ -319,18 +324,25 @@ def unregister_job(path: Path | None) -> None:
         path.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int, group: bool = False) -> bool:
+    """Whether process ``pid`` (with ``group``: any process of process group ``pid``) is alive; zombies (exited,
+    not yet reaped by their parent) count as gone."""
     try:
-        os.kill(pid, 0)
+        (os.killpg if group else os.kill)(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    try:  # a zombie is dead for our purpose
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
+    if not Path("/proc").is_dir():
         return True
+    for stat in Path("/proc").glob("[0-9]*/stat") if group else [Path(f"/proc/{pid}/stat")]:
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+        except OSError:
+            continue
+        if (not group or int(fields[2]) == pid) and fields[0] != "Z":
+            return True
+    return False
 
 
 def end_orphaned_jobs(root: Path, run_is_over: Callable[[str], bool] = lambda run_id: False) -> list[dict]:
@@ -345,7 +357,7 @@ def end_orphaned_jobs(root: Path, run_is_over: Callable[[str], bool] = lambda ru
             entry = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if _alive(entry["owner_pid"]) and not run_is_over(entry["run_id"]):
+        if process_alive(entry["owner_pid"]) and not run_is_over(entry["run_id"]):
             continue
         try:
             os.killpg(entry["pgid"], signal.SIGKILL)
