@@ -83,6 +83,10 @@ def serve(home: Path, tracking_uri: str, dagster_port: int, mlflow_port: int, gr
            "ARENA_MLFLOW_UI_URL": mlflow_url}
     tracking = MlflowTracking(tracking_uri=tracking_uri, ui_url=mlflow_url)
     experiment_url = tracking.experiment_url()  # creates the experiment (as a model-training one) if needed
+    instance_yaml = (home / "dagster.yaml").read_text() if (home / "dagster.yaml").exists() else ""
+    if "run_monitoring" not in instance_yaml or "nux" not in instance_yaml:
+        print(f"arena-pipeline ui: {home / 'dagster.yaml'} predates run monitoring and the pop-up switch; "
+              f"`cp {REPO_ROOT / 'dagster.yaml'} {home}/` to get them", file=sys.stderr, flush=True)
     with DagsterInstance.get() as instance:
         end_orphans(instance)  # left over from an earlier session that was killed
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
