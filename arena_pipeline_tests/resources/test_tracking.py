@@ -48,8 +48,8 @@ def test_mlflow_key_sanitises_member_names():
     assert mlflow_key("weights.stage1/features+tta") == "weights.stage1/features_tta"
 
 
-def _job_runs(tracking):
-    client = tracking.client()
+def _job_runs(tracking, client=None):
+    client = client or tracking.client()
     exp = client.get_experiment_by_name("arena-pipeline")
     return client, client.search_runs([exp.experiment_id], "tags.kind = 'job'") if exp else []
 
@@ -65,11 +65,15 @@ def test_job_run_is_live_while_the_job_runs_and_ends_with_it(tmp_path):
     tracking = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     go = tmp_path / "go"
     seen: dict = {}
+    # the store (and its schema migration) is made here: alembic must not run in two threads at once, and
+    # dg.materialize's ephemeral instance runs it too
+    watcher_client = tracking.client()
+    tracking.experiment_id(watcher_client)
 
     def watch():
         deadline = time.time() + 120
         while time.time() < deadline:
-            client, runs = _job_runs(tracking)
+            client, runs = _job_runs(tracking, watcher_client)
             if runs and len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 2:
                 seen["status"] = client.get_run(runs[0].info.run_id).info.status
                 parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
