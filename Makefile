@@ -5,7 +5,7 @@ VENV := .venv
 VLLM_VENV := .venv-vllm
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install vllm-env demo test test-fast ui validate clean-state
+.PHONY: install vllm-env browser demo test test-fast ui validate clean-state
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -25,7 +25,11 @@ vllm-env: $(VLLM_VENV)/.arena-vllm-env-complete
 demo: install vllm-env
 	$(VENV)/bin/arena-pipeline demo --profile demo
 
-test: install vllm-env
+# the browser tests drive Debian's chromium (skipped with a reason where it cannot be installed)
+browser:
+	command -v chromium >/dev/null || ((apt-get update -qq && apt-get install -y -qq chromium) || (sudo -n apt-get update -qq && sudo -n apt-get install -y -qq chromium) || true)
+
+test: install vllm-env browser
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider arena_pipeline_tests
 
 test-fast: install

@@ -10,8 +10,29 @@ from arena_pipeline.data.folds import check_groups_disjoint, check_label_balance
 from arena_pipeline.resources.storage import ArenaStorage
 
 
+def check_metadata(details: dict, prefix: str = "") -> dict[str, dg.MetadataValue]:
+    """One metadata entry per figure (nested keys joined by dots: ``overall.A``, ``folds.0.rows``), so the UI
+    lists them as rows instead of one JSON blob."""
+    out: dict[str, dg.MetadataValue] = {}
+    for key, value in details.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(check_metadata(value, f"{name}."))
+        elif isinstance(value, bool):
+            out[name] = dg.MetadataValue.bool(value)
+        elif isinstance(value, int):
+            out[name] = dg.MetadataValue.int(value)
+        elif isinstance(value, float):
+            out[name] = dg.MetadataValue.float(value)
+        elif isinstance(value, (list, tuple)):
+            out[name] = dg.MetadataValue.text(", ".join(map(str, value)) if value else "none")
+        else:
+            out[name] = dg.MetadataValue.text(str(value))
+    return out
+
+
 def _result(passed: bool, details: dict) -> dg.AssetCheckResult:
-    return dg.AssetCheckResult(passed=bool(passed), metadata={"details": dg.MetadataValue.json(details)})
+    return dg.AssetCheckResult(passed=bool(passed), metadata=check_metadata(details))
 
 
 @dg.asset_check(asset="processed_folds", blocking=True,

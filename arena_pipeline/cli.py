@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -106,8 +104,6 @@ def _print_summary(profile) -> None:
 
 # ---------------------------------------------------------------- predict
 def cmd_predict(args) -> int:
-    import pandas as pd
-
     from arena_pipeline.bundle import BundleError, load_manifest, score_frame, submission_frame
     from arena_pipeline.data.clean import clean_frame
     from arena_pipeline.data.load import read_table
@@ -231,33 +227,10 @@ def cmd_runs(args) -> int:
 
 # ---------------------------------------------------------------- ui
 def cmd_ui(args) -> int:
-    from arena_pipeline.resources.tracking import MlflowTracking
+    from arena_pipeline import ui
 
     home = _ensure_instance()
-    tracking = MlflowTracking(tracking_uri=os.environ.get("ARENA_MLFLOW_URI", ""))
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    dagster = subprocess.Popen([str(bin_dir / "dagster-webserver"), "-w", str(REPO_ROOT / "workspace.yaml"),
-                                "-h", "127.0.0.1", "-p", str(args.dagster_port)], cwd=REPO_ROOT, env=env)
-    mlflow = subprocess.Popen([str(bin_dir / "mlflow"), "server", "--backend-store-uri", tracking.uri,
-                               "--host", "127.0.0.1", "--port", str(args.mlflow_port)], cwd=home, env=env)
-    print(f"Dagster UI: http://127.0.0.1:{args.dagster_port}\nMLflow UI:  http://127.0.0.1:{args.mlflow_port}\n"
-          "Ctrl-C stops both.", flush=True)
-    try:
-        while dagster.poll() is None and mlflow.poll() is None:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for proc in (dagster, mlflow):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in (dagster, mlflow):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    return EXIT_OK
+    return ui.serve(home, os.environ.get("ARENA_MLFLOW_URI", ""), args.dagster_port, args.mlflow_port)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -3,6 +3,7 @@
 The profile comes from ``ARENA_PROFILE`` (smoke | demo | full; default demo). Resources read their settings
 from the environment so the same definitions run locally or on a cluster:
 ``ARENA_MLFLOW_URI`` (tracking store), ``ARENA_MLFLOW_ARTIFACTS`` (artifact location),
+``ARENA_MLFLOW_UI_URL`` (the MLflow UI for links and inline plot images; `arena-pipeline ui` sets it),
 ``ARENA_ACCELERATE_CONFIG`` (accelerate config file), ``ARENA_LAUNCHER=k8s`` + ``ARENA_K8S_*`` (Kubernetes pods).
 """
 
@@ -39,7 +40,8 @@ def build_resources(profile: Profile) -> dict:
             environments=default_environments(),
         ),
         "mlflow": MlflowTracking(tracking_uri=os.environ.get("ARENA_MLFLOW_URI", ""),
-                                 artifact_location=os.environ.get("ARENA_MLFLOW_ARTIFACTS", "")),
+                                 artifact_location=os.environ.get("ARENA_MLFLOW_ARTIFACTS", ""),
+                                 ui_url=os.environ.get("ARENA_MLFLOW_UI_URL", "http://127.0.0.1:5000")),
     }
     resources.update(k8s_resources_from_env() or {})  # ARENA_LAUNCHER=k8s: jobs run as pods (deploy/README.md)
     return resources

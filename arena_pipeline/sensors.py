@@ -1,4 +1,4 @@
-"""A sensor that rebuilds pseudo labels when new unlabelled files land in the incoming folder."""
+"""Sensors: rebuild pseudo labels when new unlabelled files land in the incoming folder; clean up after runs."""
 
 
 import json
@@ -6,6 +6,7 @@ import json
 import dagster as dg
 
 from arena_pipeline.resources.storage import ArenaStorage
+from arena_pipeline.resources.tracking import MlflowTracking
 
 SUFFIXES = {".parquet", ".csv", ".jsonl"}
 
@@ -29,4 +30,15 @@ def build_sensors(pseudo_job) -> list[dg.SensorDefinition]:
         return dg.RunRequest(run_key=f"incoming-{max(now.values())}-{'|'.join(changed)}",
                              tags={"arena/new_files": ",".join(changed)[:200]})
 
-    return [new_unlabelled_files_sensor]
+    return [new_unlabelled_files_sensor, run_housekeeping_sensor]
+
+
+@dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Ends job process groups whose run worker died (and fails that run), and gives MLflow runs "
+                       "of finished Dagster runs their final status (arena_pipeline/housekeeping.py).")
+def run_housekeeping_sensor(context: dg.SensorEvaluationContext, mlflow: MlflowTracking):
+    from arena_pipeline.housekeeping import end_orphans, sync_mlflow_runs
+
+    ended = end_orphans(context.instance)
+    synced = sync_mlflow_runs(context.instance, mlflow)
+    return dg.SkipReason(f"ended {len(ended)} orphaned job(s), closed {len(synced)} MLflow run(s)")

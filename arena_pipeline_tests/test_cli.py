@@ -5,10 +5,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +18,8 @@ import pytest
 from arena_pipeline.cli import MODELS, OUTPUT_FORMATS, STAGES
 from arena_pipeline.config import PROFILES, REPO_ROOT, SHIPPED, SMOKE
 from arena_pipeline.resources.tracking import MlflowTracking
+from arena_pipeline_tests.ui.support import free_port as _free_port
+from arena_pipeline_tests.ui.support import wait_http as _wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -245,23 +245,6 @@ def test_help_names_choices_examples_and_exit_codes(isolated_home, command):
     assert [word for word in expected if word not in text] == []
     if command == "demo":  # the choices are the jobs the code location defines
         assert list(JOBS) == [job.name for job in build_jobs(SMOKE)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=5)
-            return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(url)
 
 
 def _post_json(url: str, payload: dict) -> dict:

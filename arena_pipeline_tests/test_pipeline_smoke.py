@@ -113,6 +113,27 @@ def test_stage1_metadata_and_mlflow_runs(smoke_run):
         assert run.data.tags["dagster_run_id"] == smoke_run["result"].run_id
 
 
+def test_mlflow_runs_live_with_their_jobs(smoke_run):
+    """A real MiniLM training: per-step metrics streamed from the job, the job's own duration, config values as
+    params, every run (parents included) ended, parents named after the job and fold range."""
+    from arena_pipeline.resources.tracking import MlflowTracking
+
+    client = MlflowTracking(tracking_uri=f"sqlite:///{smoke_run['home'] / 'mlflow' / 'mlflow.db'}").client()
+    exp = client.get_experiment_by_name("arena-pipeline")
+    (run,) = client.search_runs([exp.experiment_id], "tags.kind = 'job' and tags.stage = 'stage1' and "
+                                                     "tags.model = 'cross_encoder_minilm'")
+    steps = client.get_metric_history(run.info.run_id, "train_loss")
+    assert len(steps) == int(run.data.params["n_steps"]) > 0 and [m.step for m in steps] == sorted({m.step for m in steps})
+    assert (run.info.end_time - run.info.start_time) / 1000 >= run.data.metrics["wall_s"]  # the job's duration
+    for key in ("fold", "n_steps", "num_processes", "resumed_from_step"):
+        assert key in run.data.params and key not in run.data.metrics
+    kinds = {r.data.tags.get("kind") for r in client.search_runs([exp.experiment_id], "")}
+    assert {"job", "prediction", "generation", "ensemble", "pipeline"} <= kinds
+    assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.kind = 'pipeline'")
+    assert parent.info.run_name.startswith("full_pipeline_job[0...0] ") and parent.info.status == "FINISHED"
+
+
 def test_bundle_registered_in_mlflow(smoke_run):
     from arena_pipeline.resources.tracking import MlflowTracking
 

@@ -290,8 +290,11 @@ class Checkpointer:
 
 # ------------------------------------------------------------------------------------------ training
 def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accelerator, history_path: Path | None,
-               checkpointer: Checkpointer | None = None, log=None):
+               checkpointer: Checkpointer | None = None, log=None, report=None):
     """The training loop. Returns (unwrapped model, tokenizer, stats).
+
+    ``report`` (the main process's Pipes ``report_custom_message``) gets ``{"kind": "step", "step", "epoch",
+    "loss", "lr", "examples_per_s"}`` after every optimiser step, so the orchestrator can chart the run live.
 
     With a ``checkpointer`` the loop first resumes from the job's latest complete checkpoint, if any
     (batches already done in that epoch are skipped: the order is seeded), and saves one every
@@ -381,6 +384,9 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
                     history.write(json.dumps({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr,
                                               "elapsed_s": round(prior_train_s + time.perf_counter() - t0, 4)}) + "\n")
                     history.flush()
+                if report is not None and accelerator.is_main_process:
+                    report({"kind": "step", "step": step, "epoch": epoch, "loss": step_loss, "lr": lr,
+                            "examples_per_s": seen / max(time.perf_counter() - t0, 1e-9)})
                 progress.update(1)
                 progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
                 if checkpointer is not None and step % checkpointer.every == 0:
@@ -463,7 +469,8 @@ def run(args: argparse.Namespace, cfg, accelerator, pipes, precision: Precision 
             checkpointer = Checkpointer(accelerator, checkpoint_dir(out), every, fingerprint)
         model, tokenizer, stats = fit_neural(cfg, train_df, y, w, accelerator,
                                              partial / "history.jsonl" if main_proc else None,
-                                             checkpointer=checkpointer, log=pipes.log)
+                                             checkpointer=checkpointer, log=pipes.log,
+                                             report=pipes.report_custom_message)
 
     if main_proc:  # save the model before predicting: a crash in prediction should not lose it
         if cfg.family == "features":

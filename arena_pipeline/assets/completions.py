@@ -16,6 +16,7 @@ from arena_pipeline.config import Profile
 from arena_pipeline.data.clean import clean_frame
 from arena_pipeline.resources.launcher import JobLauncher, vllm_available
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_parquet, file_version
+from arena_pipeline.resources.tracking import MlflowTracking
 
 GROUP = "pseudo_labelling"
 
@@ -57,7 +58,7 @@ def build_completion_assets(profile: Profile) -> list[dg.AssetsDefinition]:
               description="New answers to the prompts (temperature 0.7, top_p 0.9, multi-turn regenerated turn by "
                           "turn), by `gpu_jobs.generate` in its own environment.")
     def generated_completions(context: dg.AssetExecutionContext, config: GenerateConfig, storage: ArenaStorage,
-                              launcher: JobLauncher):
+                              launcher: JobLauncher, mlflow: MlflowTracking):
         backend = config.backend
         if backend == "auto":
             backend = "vllm" if vllm_available(launcher) else "transformers"
@@ -68,8 +69,13 @@ def build_completion_assets(profile: Profile) -> list[dg.AssetsDefinition]:
         args = ["--backend", backend, "--model", config.model, "--prompts", str(storage.data("raw_prompts")),
                 "--output", str(out), "--max-new-tokens", str(config.max_new_tokens),
                 "--temperature", str(config.temperature), "--top-p", str(config.top_p), "--seed", str(config.seed)]
-        result = launcher.run(context, "gpu_jobs.generate", args, accelerate=False,
-                              environment="generation" if backend == "vllm" else "default")
+        with mlflow.job_run(context, stage="generation", model=config.model, fold=-1, kind="generation",
+                            params={"backend": backend, "max_new_tokens": config.max_new_tokens,
+                                    "temperature": config.temperature, "top_p": config.top_p, "seed": config.seed}) as run:
+            result = launcher.run(context, "gpu_jobs.generate", args, accelerate=False,
+                                  environment="generation" if backend == "vllm" else "default",
+                                  on_message=run.on_message)
+            run.log_result({**result.metadata, "wall_s_with_launch": result.wall_s})
         frame = pd.read_parquet(out)
         metrics = json.loads(out.with_suffix(".metrics.json").read_text()) if out.with_suffix(".metrics.json").exists() else {}
         return dg.MaterializeResult(

@@ -112,12 +112,12 @@ def log_ensemble(context, mlflow: MlflowTracking, name: str, summary: dict, pngs
     metrics = {k: summary[k] for k in ("temperature", "uniform_blend_log_loss", "fitted_blend_log_loss_in_sample",
                                         "fitted_blend_log_loss_cv", "fitted_blend_accuracy", "class_prior_log_loss")}
     metrics.update({f"member_log_loss.{k}": v for k, v in summary["member_log_loss"].items()})
-    _, link = mlflow.log_job(context, stage=name, model="ensemble", fold=-1, kind="ensemble",
-                             params={"method": summary["method"], "weights": summary["weights"],
-                                     "folds": summary["folds"]},
-                             metrics=metrics, artifacts=[path, *pngs.values()])
-    return {**_metadata(summary, {k: plots.as_metadata(p) for k, p in pngs.items()}, path),
-            "mlflow_run": dg.MetadataValue.url(link)}
+    run_id, link = mlflow.log_job(context, stage=name, model="ensemble", fold=-1, kind="ensemble",
+                                  params={"method": summary["method"], "weights": summary["weights"],
+                                          "folds": summary["folds"]},
+                                  metrics=metrics, artifacts=[path, *pngs.values()])
+    images = {k: plots.as_metadata(p, mlflow.artifact_url(run_id, p.name)) for k, p in pngs.items()}
+    return {**_metadata(summary, images, path), "mlflow_run": dg.MetadataValue.url(link)}
 
 
 def _metadata(summary: dict, images: dict, path: Path) -> dict:

@@ -24,6 +24,7 @@ from arena_pipeline.config import Profile
 from arena_pipeline.data.folds import label_index
 from arena_pipeline.resources.launcher import JobLauncher
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_json, atomic_write_parquet
+from arena_pipeline.resources.tracking import MlflowTracking
 
 HELD_OUT_FOLD = 99  # the validation "fold" of a LOSO training job
 PROBS = ["p_a", "p_b", "p_tie"]
@@ -119,7 +120,7 @@ def build_evaluation_asset(profile: Profile) -> dg.AssetsDefinition:
     @dg.asset(group_name="evaluation", deps=["processed_folds", "stage1_ensemble"], pool="gpu", kinds={"pytorch"},
               description="Leave-one-source-out evaluation of the stage-1 recipe on human-labelled sources.")
     def loso_evaluation(context: dg.AssetExecutionContext, config: LosoConfig, storage: ArenaStorage,
-                        launcher: JobLauncher):
+                        launcher: JobLauncher, mlflow: MlflowTracking):
         processed = pd.read_parquet(storage.data("processed_folds"))
         spec = json.loads(storage.ensemble("stage1_ensemble").read_text())
         stage1_oof = pd.read_parquet(storage.ensemble("stage1_ensemble").with_suffix(".oof.parquet"))
@@ -163,7 +164,7 @@ def build_evaluation_asset(profile: Profile) -> dg.AssetsDefinition:
             metadata[f"{source}_log_loss"] = results[source]["log_loss"]
             metadata[f"{source}_accuracy"] = results[source]["accuracy"]
             metadata[f"{source}_swap_consistency"] = results[source]["swap_consistency"]
-            metadata[f"{source}_reliability"] = plots.as_metadata(png)
+            metadata[f"{source}_reliability"] = mlflow.log_pipeline_artifact(context, png)
             context.log.info(f"LOSO {source}: log loss {results[source]['log_loss']:.4f}, "
                              f"accuracy {results[source]['accuracy']:.3f}")
         table = markdown_table(results)

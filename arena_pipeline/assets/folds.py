@@ -37,7 +37,7 @@ def build_folds_asset(profile: Profile) -> dg.AssetsDefinition:
             {"fold >= 0": text_lengths(frame[frame["fold"] >= 0]), "fold -1": text_lengths(frame[frame["fold"] < 0])},
             storage.scratch("plots") / "processed_folds_lengths.png",
         )
-        mlflow.log_pipeline_artifact(context, png)
+        image = mlflow.log_pipeline_artifact(context, png)
         context.log.info(f"processed_folds: {len(frame)} rows in {config.n_folds} folds -> {path}")
         return dg.MaterializeResult(
             metadata={
@@ -46,7 +46,7 @@ def build_folds_asset(profile: Profile) -> dg.AssetsDefinition:
                 "rows_removed": dg.MetadataValue.json(removed),
                 "fold_summary": dg.MetadataValue.json(fold_summary(frame)),
                 "length_percentiles": dg.MetadataValue.json(length_percentiles(frame)),
-                "length_histogram": plots.as_metadata(png),
+                "length_histogram": image,
                 "path": dg.MetadataValue.path(str(path)),
             },
             data_version=dg.DataVersion(file_version(path)),

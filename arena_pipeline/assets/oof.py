@@ -110,24 +110,28 @@ def build_oof_asset(stage: str, spec: ModelSpec, profile: Profile) -> dg.AssetsD
                 data = stage2_training_data(storage, fold, profile.pseudo_weight)
             out = storage.job_dir(stage, spec.name, fold)
             shutil.rmtree(out, ignore_errors=True)  # a stale result must never pass for this run's
-            result = launcher.run(context, "gpu_jobs.train", job_args(spec, fold, data, out),
-                                  extras={"stage": stage, "model": spec.name, "fold": fold})
-            metrics = json.loads((out / "metrics.json").read_text())
-            atomic_write_json({"stage": stage, "model": spec.name, "fold": fold, "data": str(data),
-                               "data_version": file_version(Path(data)), "dagster_run_id": context.run_id,
-                               "wall_s_with_launch": result.wall_s}, out / "job.json")
-            pngs = fold_plots(out, processed, f"{stage}/{spec.name} fold {fold}")
-            run_id, link = mlflow.log_job(
-                context, stage=stage, model=spec.name, fold=fold, params=resolved_config(out),
-                metrics={**metrics, "wall_s_with_launch": result.wall_s}, history=read_history(out),
-                artifacts=[out / "model" / "config.yaml", out / "metrics.json", *pngs.values()],
-                tags={"data_version": file_version(Path(data))},
-            )
+            data_version = file_version(Path(data))
+            with mlflow.job_run(context, stage=stage, model=spec.name, fold=fold,
+                                params={"config_file": str(spec.config_path), "overrides": list(spec.overrides)},
+                                tags={"data_version": data_version}) as run:
+                result = launcher.run(context, "gpu_jobs.train", job_args(spec, fold, data, out),
+                                      extras={"stage": stage, "model": spec.name, "fold": fold},
+                                      on_message=run.on_message)
+                metrics = json.loads((out / "metrics.json").read_text())
+                atomic_write_json({"stage": stage, "model": spec.name, "fold": fold, "data": str(data),
+                                   "data_version": data_version, "dagster_run_id": context.run_id,
+                                   "mlflow_run_id": run.run_id, "wall_s_with_launch": result.wall_s},
+                                  out / "job.json")
+                pngs = fold_plots(out, processed, f"{stage}/{spec.name} fold {fold}")
+                run.log_result({**metrics, "wall_s_with_launch": result.wall_s}, params=resolved_config(out),
+                               history=read_history(out),
+                               artifacts=[out / "model" / "config.yaml", out / "metrics.json", *pngs.values()])
+            link = run.link
             per_fold[str(fold)] = {k: metrics[k] for k in REPORTED if k in metrics}
             per_fold[str(fold)]["wall_s_with_launch"] = round(result.wall_s, 1)
             links[str(fold)] = link
             for key, png in pngs.items():
-                images[f"{key}_fold{fold}"] = plots.as_metadata(png)
+                images[f"{key}_fold{fold}"] = plots.as_metadata(png, mlflow.artifact_url(run.run_id, png.name))
             context.log.info(f"{name} fold {fold}: val_log_loss={metrics.get('val_log_loss')} "
                              f"({result.wall_s:.0f}s)")
         metadata: dict = {"folds": dg.MetadataValue.json(per_fold), "mlflow_runs": dg.MetadataValue.json(links)}

@@ -22,6 +22,7 @@ from arena_pipeline.assets.oof import STAGE1
 from arena_pipeline.config import Profile
 from arena_pipeline.resources.launcher import JobLauncher
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_json, atomic_write_parquet
+from arena_pipeline.resources.tracking import MlflowTracking
 
 GROUP = "pseudo_labelling"
 TARGETS = ["target_a", "target_b", "target_tie"]
@@ -73,7 +74,7 @@ def build_pseudo_label_asset(profile: Profile) -> dg.AssetsDefinition:
               description="Soft labels (no threshold) on the unlabelled pool from the stage-1 ensemble, per fold, "
                           "leak-free by construction and by blocking check.")
     def pseudo_labels(context: dg.AssetExecutionContext, config: PseudoConfig, storage: ArenaStorage,
-                      launcher: JobLauncher):
+                      launcher: JobLauncher, mlflow: MlflowTracking):
         spec = json.loads(storage.ensemble(config.ensemble).read_text())
         weights = {name: w for name, w in spec["weights"].items() if w > 0}
         members = [m for m in spec["members"] if m["name"] in weights]
@@ -90,8 +91,11 @@ def build_pseudo_label_asset(profile: Profile) -> dg.AssetsDefinition:
                 out = storage.pool_predictions(model, fold)
                 want_tta = any(m["model"] == model and m["tta"] for m in members)
                 args = ["--model-dir", str(job_dir / "model"), "--data", str(pool_path), "--output", str(out)]
-                launcher.run(context, "gpu_jobs.predict", args + (["--tta"] if want_tta else []),
-                             extras={"model": model, "fold": fold})
+                with mlflow.job_run(context, stage="pseudo", model=model, fold=fold, kind="prediction",
+                                    params={"tta": want_tta, "pool_rows": len(pool_k)}) as run:
+                    result = launcher.run(context, "gpu_jobs.predict", args + (["--tta"] if want_tta else []),
+                                          extras={"model": model, "fold": fold}, on_message=run.on_message)
+                    run.log_result({**result.metadata, "wall_s_with_launch": result.wall_s})
                 teachers.append({"model": model, "job_dir": str(job_dir)})
                 for m in members:
                     if m["model"] != model:
@@ -114,7 +118,7 @@ def build_pseudo_label_asset(profile: Profile) -> dg.AssetsDefinition:
             "mean_entropy": float(-(np.clip(targets, 1e-12, 1) * np.log(np.clip(targets, 1e-12, 1))).sum(1).mean()),
             "pairs_per_source": dg.MetadataValue.json(pool["source"].value_counts().to_dict()),
             "teacher_members": dg.MetadataValue.json(weights),
-            "entropy_histogram": plots.as_metadata(png),
+            "entropy_histogram": mlflow.log_pipeline_artifact(context, png),
         })
         return dg.MaterializeResult(metadata=metadata)
 

@@ -374,7 +374,10 @@ class K8sJobLauncher(dg.ConfigurableResource):
         accelerate: bool = True,
         environment: str = "default",
         extras: dict | None = None,
+        on_message=None,
     ) -> JobResult:
+        """Run one job as pod(s). ``on_message`` gets the job's Pipes custom messages (per-step metrics) once the
+        pod has finished (not live, unlike the local launcher)."""
         import kubernetes
         from dagster_k8s.client import DagsterK8sError, DagsterKubernetesClient
         from dagster_k8s.pipes import build_pod_body
@@ -448,6 +451,8 @@ class K8sJobLauncher(dg.ConfigurableResource):
             if core is not None:
                 self._clean_up(context, core, workers if self.delete_pods else [], job if service else None)
         wall = time.time() - start
+        for message in invocation.get_custom_messages() if on_message is not None else ():
+            on_message(message)
         results = list(invocation.get_results(implicit_materializations=False))
         metadata: dict[str, Any] = {}
         for result in results:

@@ -12,6 +12,11 @@ they run: a file lock under ``<instance root>/locks`` (the pool's limit = number
 slot claim can let two steps in at once when both claim at the same instant against sqlite storage (its
 select-then-update claim is not atomic across processes); the lock keeps the limit on the processes that use
 the accelerator, and the kernel frees it when the holder dies.
+
+While a job runs, its process group is registered in ``<instance root>/jobs/<pgid>.json`` (with the Dagster run
+and the pid of the run worker that started it); :func:`end_orphaned_jobs` ends the groups whose run worker is
+gone (``arena-pipeline ui`` on shutdown, and the ``run_housekeeping_sensor``). ``on_message`` receives the job's
+Pipes custom messages (per-step metrics) while it runs.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import json
 import os
 import re
 import signal
@@ -28,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import dagster as dg
 from dagster._core.errors import DagsterExecutionInterruptedError
@@ -129,13 +135,17 @@ class JobLauncher(dg.ConfigurableResource):
         accelerate: bool = True,
         environment: str = "default",
         extras: dict | None = None,
+        on_message: Callable[[Any], None] | None = None,
     ) -> JobResult:
+        """Run one job program; ``on_message`` gets each Pipes custom message (e.g. a training step's metrics)
+        within about a second of the job sending it."""
         slot = local_pool_slot(context, self.lock_poll_s) if self.machine_pool_lock else contextlib.nullcontext()
         with slot:
-            return self._run(context, module, args, accelerate=accelerate, environment=environment, extras=extras)
+            return self._run(context, module, args, accelerate=accelerate, environment=environment, extras=extras,
+                             on_message=on_message)
 
     def _run(self, context, module: str, args: list[str], *, accelerate: bool, environment: str,
-             extras: dict | None) -> JobResult:
+             extras: dict | None, on_message: Callable[[Any], None] | None) -> JobResult:
         cmd = self.command(module, [str(a) for a in args], accelerate=accelerate, environment=environment)
         context.log.info("launching: " + " ".join(cmd))
         env = {
@@ -167,9 +177,12 @@ class JobLauncher(dg.ConfigurableResource):
                 threading.Thread(target=self._pump, args=(process.stdout, context.log.info, None), daemon=True),
                 threading.Thread(target=self._pump, args=(process.stderr, context.log.info, tail), daemon=True),
             ]
-            for reader in readers:
+            relay = MessageRelay(session, on_message, context)
+            for reader in [*readers, relay]:
                 reader.start()
+            registration = None
             try:
+                registration = register_job(context, process.pid, cmd)
                 code = process.wait()
                 self.kill_leftovers(process, context)
             except (DagsterExecutionInterruptedError, KeyboardInterrupt):
@@ -177,8 +190,10 @@ class JobLauncher(dg.ConfigurableResource):
                 self.terminate(process)
                 raise
             finally:
+                unregister_job(registration)
                 for reader in readers:
                     reader.join(timeout=5)
+                relay.stop()
             wall = time.time() - start
             if code != 0:
                 lines = list(tail)
@@ -191,6 +206,7 @@ class JobLauncher(dg.ConfigurableResource):
                 )
         # read the results only after the session has closed: leaving the block waits for the message reader
         # to drain the child's last messages (reading them inside the block races with that reader thread)
+        relay.drain()  # the messages the reader got while the session closed
         results = list(session.get_results(implicit_materializations=False))
         metadata: dict[str, Any] = {}
         for result in results:
@@ -238,6 +254,119 @@ class JobLauncher(dg.ConfigurableResource):
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+class MessageRelay(threading.Thread):
+    """Hands a Pipes session's custom messages to ``on_message`` as they arrive (polled once a second)."""
+
+    def __init__(self, session, on_message: Callable[[Any], None] | None, context, poll_s: float = 1.0):
+        super().__init__(daemon=True)
+        self.session, self.on_message, self.context, self.poll_s = session, on_message, context, poll_s
+        self.seen = 0
+        self._stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self._warned = False
+
+    def run(self) -> None:
+        if self.on_message is None:
+            return
+        while not self._stop_event.wait(self.poll_s):
+            self.drain()
+
+    def drain(self) -> None:
+        if self.on_message is None:
+            return
+        with self._lock:
+            messages = self.session.get_custom_messages()
+            for message in messages[self.seen:]:
+                try:
+                    self.on_message(message)
+                except Exception as exc:  # noqa: BLE001 - a tracking hiccup must not fail the job
+                    if not self._warned:
+                        self.context.log.warning(f"could not record a job message: {type(exc).__name__}: {exc}")
+                        self._warned = True
+            self.seen = len(messages)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive():
+            self.join(timeout=10)
+
+
+def jobs_dir(root: Path) -> Path:
+    return Path(root) / "jobs"
+
+
+def register_job(context, pgid: int, cmd: list[str]) -> Path | None:
+    """Note a running job's process group under the instance root (None when there is no instance)."""
+    try:
+        root = context.instance.root_directory
+        run_id = context.run_id
+    except Exception:  # a context without an instance (unit tests)
+        return None
+    if not root:
+        return None
+    path = jobs_dir(root) / f"{pgid}.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"pgid": pgid, "run_id": run_id, "owner_pid": os.getpid(), "command": cmd,
+                                   "started": time.time()}))
+        os.replace(tmp, path)
+    except OSError as exc:  # the job runs all the same; only the clean-up after a dead worker is lost
+        context.log.warning(f"could not register job process group {pgid} under {path.parent}: {exc}")
+        return None
+    return path
+
+
+def unregister_job(path: Path | None) -> None:
+    if path is not None:
+        path.unlink(missing_ok=True)
+
+
+def process_alive(pid: int, group: bool = False) -> bool:
+    """Whether process ``pid`` (with ``group``: any process of process group ``pid``) is alive; zombies (exited,
+    not yet reaped by their parent) count as gone."""
+    try:
+        (os.killpg if group else os.kill)(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if not Path("/proc").is_dir():
+        return True
+    for stat in Path("/proc").glob("[0-9]*/stat") if group else [Path(f"/proc/{pid}/stat")]:
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+        except OSError:
+            continue
+        if (not group or int(fields[2]) == pid) and fields[0] != "Z":
+            return True
+    return False
+
+
+def end_orphaned_jobs(root: Path, run_is_over: Callable[[str], bool] = lambda run_id: False) -> list[dict]:
+    """SIGKILL the process group of every registered job whose run worker has died (or whose Dagster run is
+    over, by ``run_is_over(run_id)``); returns the entries it ended. Their registration files are removed."""
+    ended = []
+    folder = jobs_dir(root)
+    if not folder.is_dir():
+        return ended
+    for path in sorted(folder.glob("*.json")):
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if process_alive(entry["owner_pid"]) and not run_is_over(entry["run_id"]):
+            continue
+        try:
+            os.killpg(entry["pgid"], signal.SIGKILL)
+            entry["killed"] = True
+        except (ProcessLookupError, PermissionError):
+            entry["killed"] = False
+        path.unlink(missing_ok=True)
+        ended.append(entry)
+    return ended
 
 
 def _pool_of(context) -> tuple[str | None, int | None, Path | None]:

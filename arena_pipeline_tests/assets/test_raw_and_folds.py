@@ -37,7 +37,9 @@ def test_data_assets_on_shipped_data(tmp_path):
     assert folds["rows"] == SMOKE.max_labelled_rows + 2 * SMOKE.max_external_rows
     assert folds["rows_per_fold"]["-1"] == 2 * SMOKE.max_external_rows
     assert sum(v for k, v in folds["rows_per_fold"].items() if k != "-1") == SMOKE.max_labelled_rows
-    assert "data:image/png;base64," in folds["length_histogram"]
+    # a short Markdown image (drawn inline on the asset page) of the plot the MLflow server serves
+    assert folds["length_histogram"].startswith("![processed_folds_lengths](http://127.0.0.1:5000/get-artifact?")
+    assert len(folds["length_histogram"]) < 1000
     checks = {e.event_specific_data.check_name: e.event_specific_data.passed for e in result.all_events
               if e.event_type_value == "ASSET_CHECK_EVALUATION"}
     assert checks == {"folds_groups_disjoint": True, "folds_label_balance": True, "folds_unique_ids": True}
@@ -91,3 +93,14 @@ def test_fold_checks_fail_on_crafted_bad_folds(tmp_path, corruption):
                             selection=dg.AssetSelection.checks(check), raise_on_error=False)
     evaluation = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
     assert evaluation and evaluation[0].passed is False
+
+
+def test_check_results_are_separate_metadata_entries():
+    from arena_pipeline.checks import check_metadata
+
+    meta = check_metadata({"max_deviation": 0.01, "overall": {"A": 0.4, "tie": 0.2}, "examples": [],
+                           "folds": {"0": {"rows": 12, "passed": True, "teachers": [{"model": "x"}]}}})
+    assert set(meta) == {"max_deviation", "overall.A", "overall.tie", "examples", "folds.0.rows", "folds.0.passed",
+                         "folds.0.teachers"}
+    assert meta["overall.A"].value == 0.4 and meta["folds.0.rows"].value == 12 and meta["folds.0.passed"].value is True
+    assert meta["examples"].value == "none"

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from gpu_jobs import data as D
 from gpu_jobs.config import load_config, save_config

@@ -22,6 +22,18 @@ def main() -> None:
             print("progress line on stdout", flush=True)
             pipes.report_asset_materialization(metadata={"val_log_loss": 0.95, "n_val": 12})
         return
+    if mode == "steps":
+        # reports two training steps, then waits for the test to create the file argv[2] (it checks MLflow meanwhile)
+        from dagster_pipes import open_dagster_pipes
+
+        with open_dagster_pipes() as pipes:
+            for step in (1, 2):
+                pipes.report_custom_message({"kind": "step", "step": step, "loss": 1.0 / step, "lr": 1e-4})
+            deadline = time.time() + 120
+            while not os.path.exists(sys.argv[2]) and time.time() < deadline:
+                time.sleep(0.2)
+            pipes.report_asset_materialization(metadata={"val_log_loss": 0.9})
+        return
     if mode == "tree":
         # a job that starts a grandchild, records both pids, then waits forever (for the cancel test)
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
