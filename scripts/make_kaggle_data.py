@@ -15,7 +15,8 @@ magnitude, the rare-case rates are chosen, not measured):
     multi-turn 14% (2 turns 9%, 3 turns 3%, 4-6 turns 2%); a null turn in a response (``[null]`` or
     ``["...", null]``) 1.5%; a lone surrogate escape such as ``\\ud83d`` 0.2%; an empty response ``[""]``
     0.3%; a 100k-character cell (a looping answer) 0.02%.
-No (prompt, response_a, response_b) triple repeats, so cleaning keeps every row.
+No (prompt, response_a, response_b) triple repeats as written; cleaning (a null turn becomes "") makes a few
+coincide, and merges them with a count in its metadata (49 of 57,477 rows with the defaults).
 """
 
 from __future__ import annotations

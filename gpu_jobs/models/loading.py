@@ -51,20 +51,25 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
 
     if (target / "config.json").exists():
         return target
-    partial = target.with_name(target.name + f".partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    return publish_folder(target, lambda partial: (model.save_pretrained(partial), tokenizer.save_pretrained(partial)))
+
+
+def publish_folder(target: Path, write) -> Path:
+    """``write(folder)`` into a folder beside ``target``, then rename it to ``target`` (atomic; when another
+    process published ``target`` first, its copy stays and this one is removed)."""
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    write(partial)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(partial, target)
-    except OSError:  # another process converted it first
+    except OSError:  # another process published it first
         shutil.rmtree(partial, ignore_errors=True)
     return target
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 TINY_PREFIX = "tiny:"
@@ -109,6 +107,8 @@ def build(arch: str, target: Path) -> Path:
     import torch
     import transformers
 
+    from gpu_jobs.models.loading import publish_folder
+
     spec = _spec(arch)
     if (target / "config.json").exists():
         return target
@@ -122,19 +122,15 @@ def build(arch: str, target: Path) -> Path:
     model_class = getattr(transformers, spec["model_class"])
     torch.manual_seed(SEED)
     model = model_class(config).to(torch.float32).eval()
-    partial = target.with_name(target.name + f".partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    (partial / "TINY_MODEL.md").write_text(
-        f"Randomly initialised {spec['model_class']} (seed {SEED}) standing in for {spec['stands_for']}; "
-        f"tokenizer from {spec['tokenizer']}. Built by gpu_jobs/models/tiny.py for code rehearsal only.\n")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(partial, target)
-    except OSError:  # another process built it first
-        shutil.rmtree(partial, ignore_errors=True)
-    return target
+    note = (f"Randomly initialised {spec['model_class']} (seed {SEED}) standing in for {spec['stands_for']}; "
+            f"tokenizer from {spec['tokenizer']}. Built by gpu_jobs/models/tiny.py for code rehearsal only.\n")
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / "TINY_MODEL.md").write_text(note)
+
+    return publish_folder(target, write)
 
 
 def resolve(name: str, cache_dir: Path) -> str:
