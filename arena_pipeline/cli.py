@@ -66,6 +66,9 @@ def cmd_demo(args) -> int:
     defs = build_definitions(profile)
     job = defs.resolve_job_def(args.job)
     print(f"arena-pipeline: running {args.job} on profile '{profile.name}' (state in {home})", flush=True)
+    if profile.differences:
+        print(f"profile '{profile.name}' differs from 'full' in (everything else is 'full'):\n  "
+              + "\n  ".join(profile.differences), flush=True)
     start = time.time()
     with dg.DagsterInstance.get() as instance:
         result = job.execute_in_process(instance=instance, tags=fold_range_tags(profile), raise_on_error=False)

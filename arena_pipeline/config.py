@@ -1,13 +1,15 @@
 """Profiles: which data, models, folds and sizes one pipeline run uses.
 
 A profile is chosen with the environment variable ``ARENA_PROFILE`` (``smoke`` for tests, ``demo`` for the
-README command, ``full`` for a GPU box); the Dagster definitions are built from it. Each model entry names a
+README command, ``full`` for a GPU box, ``rehearsal`` for the `full` recipe with tiny models on a CPU); the
+Dagster definitions are built from it. Each model entry names a
 YAML config under ``gpu_jobs/configs`` plus ``--set`` overrides, so the same job programs run everywhere and
 only sizes change.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +65,10 @@ class Profile:
     accelerate_config: str = "cpu_single.yaml"
     # `arena-pipeline demo` sizes the neural members to this many seconds on the CPU it meets (demo_sizing)
     time_budget_s: int | None = None
+    test_path: str = ""  # a test file (Kaggle test.csv format) the bundle scores into submission.csv
+    max_test_rows: int = 0  # score only the first N rows of it (0: all; a Kaggle submission needs all)
     data: DataSpec = field(default_factory=DataSpec)
+    differences: tuple[str, ...] = ()  # how this profile departs from another one (printed at start)
 
     @property
     def accelerate_config_path(self) -> Path:
@@ -137,7 +142,48 @@ FULL = Profile(
     accelerate_config="gpu_multi.yaml",
 )
 
-PROFILES = {p.name: p for p in (SMOKE, DEMO, FULL)}
+# ---- rehearsal: `full` with only model names and sizes swapped (issue 14). Every difference is listed here,
+# in these two tables, and printed at the start of a run; everything else (four folds, families, QLoRA NF4 +
+# double quant on the seven modules, head lr, gradient checkpointing, group-by-length, left truncation,
+# paged AdamW 8-bit, TTA, pseudo labels, stage 2 on all folds, ensembles, bundle) is `full`'s own.
+_SIZES = ("training.max_train_rows=64", "training.max_length=128", "inference.max_length=256")
+REHEARSAL_MODEL_SWAPS: dict[str, tuple[str, ...]] = {
+    "cross_encoder_deberta_v3": ("model_name=tiny:deberta-v3", *_SIZES),
+    "llm_gemma2_9b_qlora": ("model_name=tiny:gemma2", *_SIZES),
+    "llm_llama3_8b_qlora": ("model_name=tiny:llama3", *_SIZES),
+}
+REHEARSAL_PROFILE_SWAPS: dict[str, object] = {
+    "max_labelled_rows": 400,
+    "max_external_rows": 100,
+    "max_unlabelled_rows": 64,
+    "n_generate_prompts": 8,
+    "generate_max_new_tokens": 32,
+    "generate_backend": "transformers",  # vLLM-CPU start-up (1-5 min) would be most of the run; see README
+    "generator_model": "tiny:llama3",
+    "accelerate_config": "cpu_single.yaml",
+    "test_path": str(SHIPPED / "llmbar.parquet"),  # stands in for Kaggle's test.csv
+    "max_test_rows": 64,
+}
+
+
+def _shown(value):
+    return str(Path(value).relative_to(REPO_ROOT)) if isinstance(value, str) and value.startswith(str(REPO_ROOT)) else value
+
+
+def rehearsal_of(base: Profile) -> Profile:
+    """``base`` with the model names and sizes of the two tables above swapped in, and the list of differences."""
+    models = tuple(dataclasses.replace(m, overrides=(*m.overrides, *REHEARSAL_MODEL_SWAPS.get(m.name, ())))
+                   for m in base.models)
+    differences = tuple(
+        [f"{m}: {' '.join(o)}" for m, o in REHEARSAL_MODEL_SWAPS.items()]
+        + [f"{k}: {getattr(base, k)!r} -> {_shown(v)!r}" for k, v in REHEARSAL_PROFILE_SWAPS.items()])
+    return dataclasses.replace(base, name="rehearsal", models=models, differences=differences,
+                               **REHEARSAL_PROFILE_SWAPS)
+
+
+REHEARSAL = rehearsal_of(FULL)
+
+PROFILES = {p.name: p for p in (SMOKE, DEMO, FULL, REHEARSAL)}
 
 
 def get_profile(name: str | None = None) -> Profile:

@@ -23,6 +23,7 @@ import numpy as np
 from scipy.optimize import minimize, minimize_scalar
 
 EPS = 1e-15
+MIN_WEIGHT = 1e-4  # a fitted weight below this is set to 0 (its member then never runs downstream)
 SWAP = [1, 0, 2]  # A/B swap permutation of the columns
 CLASS_NAMES = ("a", "b", "tie")
 _TEMPERATURE_BOUNDS = (0.05, 20.0)
@@ -158,7 +159,8 @@ def fit_weights(
     ``powell``: scipy ``minimize(method="Powell")`` from the uniform start on the raw weights, mapped to the
     simplex by absolute value and normalisation (the reference recipe). ``optuna``: TPE over [0, 1] per
     member (normalised), seeded, with the uniform blend as the first trial. The uniform blend and each
-    single member are candidates too, so the result is never worse in sample than any of them.
+    single member are candidates too, so the result is never worse in sample than any of them. Weights
+    below ``MIN_WEIGHT`` are set to exactly 0 when that changes the in-sample loss by at most 1e-6.
     """
     names, stack = _members(member_probs)
     t = _targets(y, stack.shape[1])
@@ -188,6 +190,12 @@ def fit_weights(
     else:
         raise ValueError(f"unknown ensemble method {method!r}: use 'powell' or 'optuna'")
     best = min(candidates, key=loss)
+    # Powell leaves weights like 1e-12 where a member is useless; every weight > 0 makes pseudo labelling and the
+    # bundle run that member (for `full`: an 8B model over every fold of the pool and the test file), so drop
+    # them when that costs nothing measurable in sample
+    pruned = _simplex(np.where(best < MIN_WEIGHT, 0.0, best))
+    if best.max() >= MIN_WEIGHT and loss(pruned) <= loss(best) + 1e-6:
+        best = pruned
     return {n: float(w) for n, w in zip(names, best)}
 
 

@@ -185,3 +185,16 @@ def test_tie_bias_on_dirichlet_truth_and_identity_tta():
     np.testing.assert_allclose(ens.tta_average(truth, truth), truth)
     w = ens.fit_weights({"good": truth, "noise": noise}, y)
     assert w["good"] > 0.8
+
+
+def test_fit_weights_drops_negligible_members_to_exactly_zero():
+    """A useless member gets weight 0, not Powell's ~1e-16 (seed 1 here, without the pruning): every weight > 0
+    makes that member run downstream (pseudo labels, bundle)."""
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, size=600)
+    a = 0.5 * np.eye(3)[y] + 0.5 * rng.dirichlet(np.ones(3) * 2, size=600)
+    b = 0.5 * np.eye(3)[y] + 0.5 * rng.dirichlet(np.ones(3) * 2, size=600)
+    noise = rng.dirichlet(np.ones(3) * 0.5, size=600)
+    weights = ens.fit_weights({"a": a, "b": b, "noise": noise}, y)
+    assert weights["noise"] == 0.0 and weights["a"] > 0.5 and weights["b"] > 0.1
+    assert abs(sum(weights.values()) - 1) < 1e-12

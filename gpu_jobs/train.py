@@ -95,9 +95,14 @@ def make_optimizer(model, cfg, head_names: tuple[str, ...]) -> torch.optim.Optim
                     for (head, decay), ps in sorted(groups.items())]
     if t.optimizer == "adamw":
         return torch.optim.AdamW(param_groups, lr=t.lr)
-    import bitsandbytes as bnb  # 8-bit optimisers (the recipe's paged AdamW 8-bit) need a GPU
+    import bitsandbytes as bnb  # 8-bit optimisers (the recipe's paged AdamW 8-bit)
 
     cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    if cls is bnb.optim.PagedAdamW8bit and not torch.cuda.is_available():  # paging is CUDA unified memory
+        cls = bnb.optim.AdamW8bit
+        print("gpu_jobs.train: optimizer paged_adamw_8bit: bitsandbytes pages optimizer state only on CUDA; "
+              "without CUDA using the fallback bitsandbytes AdamW8bit (same 8-bit state, not paged)",
+              file=sys.stderr, flush=True)
     return cls(param_groups, lr=t.lr)
 
 

@@ -16,7 +16,8 @@ from arena_pipeline.resources.tracking import MlflowTracking
 
 def build_bundle_asset(profile: Profile) -> dg.AssetsDefinition:
     class BundleConfig(dg.Config):
-        test_path: str = ""  # a Kaggle-format test.csv (id, prompt, response_a, response_b) to score
+        test_path: str = profile.test_path  # a Kaggle-format test.csv (id, prompt, response_a, response_b) to score
+        max_test_rows: int = profile.max_test_rows  # 0: every row (what a submission needs)
 
     @dg.asset(group_name="ensembles", deps=["final_ensemble"], kinds={"folder"},
               description="Self-contained predictor (models, weights, temperature, configs, data versions) that "
@@ -45,7 +46,9 @@ def build_bundle_asset(profile: Profile) -> dg.AssetsDefinition:
             "best_member_log_loss": min(spec["member_log_loss"].values()),
             "class_prior_log_loss": spec["class_prior_log_loss"]}
         if config.test_path:
-            frame, report = clean_frame(read_table(config.test_path), file=config.test_path, labelled=False, dedupe=False)
+            raw = read_table(config.test_path)
+            raw = raw.head(config.max_test_rows) if config.max_test_rows else raw
+            frame, report = clean_frame(raw, file=config.test_path, labelled=False, dedupe=False)
             probs = score_frame(bundle, frame)
             submission_frame(frame["id"], probs).to_csv(submission, index=False)
             metadata.update({"submission": dg.MetadataValue.path(str(submission)), "submission_rows": len(frame),

@@ -5,6 +5,8 @@ Names:
   holds a transformers folder (``config.json``) resolves to that folder; a package that holds a GGUF file
   is converted once (dequantised, bf16) into a transformers folder in the model cache, because vLLM and
   bitsandbytes quantisation need a plain checkpoint.
+- ``tiny:<arch>`` (``tiny:gemma2``, ``tiny:llama3``, ``tiny:deberta-v3``): a small randomly initialised model of
+  that real architecture with a real tokenizer, built once into the same cache (``gpu_jobs/models/tiny.py``).
 - anything else: a local path or a Hugging Face hub id, passed through unchanged.
 """
 
@@ -49,26 +51,35 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
 
     if (target / "config.json").exists():
         return target
-    partial = target.with_name(target.name + f".partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    return publish_folder(target, lambda partial: (model.save_pretrained(partial), tokenizer.save_pretrained(partial)))
+
+
+def publish_folder(target: Path, write) -> Path:
+    """``write(folder)`` into a folder beside ``target``, then rename it to ``target`` (atomic; when another
+    process published ``target`` first, its copy stays and this one is removed)."""
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    write(partial)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(partial, target)
-    except OSError:  # another process converted it first
+    except OSError:  # another process published it first
         shutil.rmtree(partial, ignore_errors=True)
     return target
 
 
 def resolve_model(name: str) -> str:
-    """Return a local folder (for ``pypi:`` names) or the name itself (hub id / local path)."""
+    """Return a local folder (for ``pypi:`` and ``tiny:`` names) or the name itself (hub id / local path)."""
+    if name.startswith("tiny:"):
+        from gpu_jobs.models import tiny
+
+        return tiny.resolve(name, model_cache_dir())
     if not name.startswith(PYPI_PREFIX):
         return name
     distribution = name[len(PYPI_PREFIX):]
