@@ -31,7 +31,6 @@ the output is deterministic for the same input, seed and batch size.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -39,10 +38,11 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import pandas as pd
 
+from gpu_jobs.contract.pipes import open_pipes
 from gpu_jobs.models.loading import PYPI_PREFIX, package_dir, resolve_model
 from gpu_jobs.precision import PRECISIONS, Precision, resolve
 
@@ -422,35 +422,6 @@ def run(args, log=print) -> Metrics:
 
 
 # --------------------------------------------------------------------------------------------- Dagster Pipes
-class _NoPipes:
-    """Stand-in when the job was not launched by Dagster (or dagster-pipes is not installed)."""
-
-    class _Log:
-        def info(self, msg: str) -> None:
-            pass
-
-    log = _Log()
-
-    def report_asset_materialization(self, metadata=None, **_) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def pipes_context() -> Iterator:
-    if not os.environ.get("DAGSTER_PIPES_CONTEXT"):
-        yield _NoPipes()
-        return
-    try:
-        from dagster_pipes import open_dagster_pipes
-    except ImportError:
-        print("warning: DAGSTER_PIPES_CONTEXT is set but dagster-pipes is not installed in this environment; "
-              "metrics go to the .metrics.json file only", file=sys.stderr)
-        yield _NoPipes()
-        return
-    with open_dagster_pipes() as pipes:
-        yield pipes
-
-
 def pipes_metadata(metrics: Metrics, output: str | Path) -> dict:
     data = asdict(metrics)
     data.pop("per_turn_s")
@@ -488,7 +459,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    with pipes_context() as pipes:
+    with open_pipes(quiet=True) as pipes:  # log() below prints; the stand-in need not echo it
         def log(msg: str) -> None:
             print(f"[generate] {msg}", flush=True)
             pipes.log.info(msg)

@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from accelerate import Accelerator
 
-    from gpu_jobs.pipes import open_pipes
+    from gpu_jobs.contract.pipes import open_pipes
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     with open_pipes() as pipes:

@@ -38,7 +38,7 @@ import torch
 
 from gpu_jobs import data as D
 from gpu_jobs.config import config_to_dict, load_config, save_config
-from gpu_jobs.pipes import clean_metadata, open_pipes
+from gpu_jobs.contract.pipes import clean_metadata, open_pipes
 from gpu_jobs.precision import Precision, hardware_summary, resolve
 from gpu_jobs.predict import family_module, predict_loaded, prediction_frame, write_parquet
 

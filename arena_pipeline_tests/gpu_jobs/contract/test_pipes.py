@@ -1,4 +1,4 @@
-"""gpu_jobs.pipes: real Dagster Pipes on the main process when launched by Dagster, a no-op otherwise."""
+"""gpu_jobs.contract.pipes: real Dagster Pipes on the main process when launched by Dagster, a no-op otherwise."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from dagster_pipes import encode_env_var
 
-from gpu_jobs import pipes as P
+from gpu_jobs.contract import pipes as P
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +92,7 @@ def test_errors_are_logged_through_pipes_and_reraised(tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     from gpu_jobs.train import main
 
-    configs = Path(__file__).resolve().parents[2] / "gpu_jobs" / "configs"
+    configs = Path(__file__).resolve().parents[3] / "gpu_jobs" / "configs"
     with pytest.raises(FileNotFoundError):
         main(["--config", str(configs / "cross_encoder_minilm.yaml"), "--fold", "0",
               "--data", str(tmp_path / "missing.parquet"), "--output-dir", str(tmp_path / "out")])
