@@ -43,6 +43,7 @@ from typing import Sequence
 import pandas as pd
 
 from gpu_jobs.contract.pipes import open_pipes
+from gpu_jobs.contract.turns import TurnsError, parse_turns_fixes
 from gpu_jobs.models.loading import PYPI_PREFIX, package_dir, resolve_model
 from gpu_jobs.precision import PRECISIONS, Precision, resolve
 
@@ -72,10 +73,12 @@ def read_prompts(path: str | Path, limit: int | None = None) -> tuple[pd.DataFra
     turns: list[list[str]] = []
     for row_id, raw in zip(frame["id"], frame["prompt"]):
         try:
-            parsed = json.loads(raw) if isinstance(raw, str) else None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: row id {row_id!r}, column `prompt` is not valid JSON ({exc})") from exc
-        if not isinstance(parsed, list) or not parsed or not all(isinstance(t, str) for t in parsed):
+            parsed, fixes = parse_turns_fixes(raw, strict=True)
+        except TurnsError as err:
+            if err.kind == "json":
+                raise ValueError(f"{path}: row id {row_id!r}, column `prompt` is not valid JSON ({err.detail})") from err
+            fixes = {"non_list_cell"}
+        if fixes - {"lone_surrogate"}:  # repaired surrogates are fine; nulls, numbers, [] or one bare string not
             raise ValueError(
                 f"{path}: row id {row_id!r}, column `prompt` must be a non-empty JSON list of strings "
                 f"(one per user turn), got {str(raw)[:80]!r}"

@@ -131,7 +131,8 @@ def _strict_items(cell: object) -> tuple[list, set[str]]:
     except json.JSONDecodeError as exc:
         raise TurnsError("json", f"not valid JSON ({exc.msg}); expected json.dumps(list[str])", str(exc)) from None
     except RecursionError:
-        raise TurnsError("json", "not valid JSON (nested too deeply); expected json.dumps(list[str])") from None
+        raise TurnsError("json", "not valid JSON (nested too deeply); expected json.dumps(list[str])",
+                         "nested too deeply") from None
     if isinstance(value, str):  # a JSON string: one turn
         return [value], {"non_list_cell"}
     if not isinstance(value, list):
@@ -149,7 +150,8 @@ def parse_turns_fixes(cell: object, *, strict: bool = False) -> tuple[list[str],
         try:
             return _turns_of(items, flags)
         except RecursionError:
-            raise TurnsError("json", "not valid JSON (nested too deeply); expected json.dumps(list[str])") from None
+            raise TurnsError("json", "not valid JSON (nested too deeply); expected json.dumps(list[str])",
+                         "nested too deeply") from None
     try:
         return _parse_cell(cell)
     except RecursionError:  # JSON nested deeper than Python's recursion limit: keep the text as written
