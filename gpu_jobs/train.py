@@ -35,8 +35,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from gpu_jobs import data as D
+from gpu_jobs.contract.metrics import accuracy, log_loss, per_class_loss
 from gpu_jobs.config import config_to_dict, load_config, save_config
 from gpu_jobs.contract.pipes import clean_metadata, open_pipes
 from gpu_jobs.precision import Precision, hardware_summary, resolve
@@ -75,8 +77,9 @@ def parse_predict_specs(specs: list[str]) -> dict[str, Path]:
 
 # ------------------------------------------------------------------------------------------ pieces
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy with probability targets (one-hot human labels or soft pseudo labels), weighted mean."""
-    per_row = -(targets * torch.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
+    """Cross-entropy with probability targets (one-hot human labels or soft pseudo labels), weighted mean over
+    rows (``F.cross_entropy`` weights classes, not rows: the per-row losses are weighted here)."""
+    per_row = F.cross_entropy(logits.float(), targets, reduction="none")
     return (per_row * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
@@ -102,12 +105,11 @@ def make_optimizer(model, cfg, head_names: tuple[str, ...]) -> torch.optim.Optim
 
 
 def log_losses(probs: np.ndarray, y: np.ndarray) -> dict[str, float | None]:
-    """Multiclass log loss, accuracy and the loss on the rows of each true class."""
-    p = np.clip(probs / probs.sum(axis=1, keepdims=True), 1e-15, 1.0)
-    nll = -np.log(p[np.arange(len(y)), y])
-    out: dict[str, float | None] = {"log_loss": float(nll.mean()), "accuracy": float((p.argmax(1) == y).mean())}
-    for c, name in enumerate(["a", "b", "tie"]):
-        out[f"loss_{name}"] = float(nll[y == c].mean()) if (y == c).any() else None
+    """Multiclass log loss, accuracy and the loss on the rows of each true class (None where none)."""
+    p = probs / probs.sum(axis=1, keepdims=True)  # float32 softmax outputs sum to 1 only within ~1e-7
+    out: dict[str, float | None] = {"log_loss": log_loss(y, p), "accuracy": accuracy(y, p)}
+    for name, loss in per_class_loss(y, p).items():
+        out[f"loss_{name}"] = None if math.isnan(loss) else loss
     return out
 
 

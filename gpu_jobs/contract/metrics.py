@@ -51,16 +51,17 @@ def target_probs(y, n: int) -> np.ndarray:
     return np.eye(3)[check_labels(y, n)]
 
 
-def clip_probs(p) -> np.ndarray:
+def clip_probs(p, renormalise: bool = True) -> np.ndarray:
     """Probabilities clipped to [EPS, 1] and renormalised per row (what every score below sees)."""
     p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1.0)
-    return p / p.sum(axis=1, keepdims=True)
+    return p / p.sum(axis=1, keepdims=True) if renormalise else p
 
 
-def row_losses(y, p) -> np.ndarray:
+def row_losses(y, p, renormalise: bool = True) -> np.ndarray:
     """Per-row negative log-likelihood: ``-log p[y]`` for class indices, ``-sum(t * log p)`` for (n, 3)
-    targets ``t``."""
-    p = clip_probs(check_probs(p))
+    targets ``t``. ``renormalise=False`` skips the renormalisation after clipping, for rows that already sum
+    to 1 (the ensemble's weight search, whose optimiser path must not see the extra rounding)."""
+    p = clip_probs(check_probs(p), renormalise)
     y = np.asarray(y)
     if y.ndim == 2:
         t = np.asarray(y, dtype=np.float64)
@@ -71,11 +72,11 @@ def row_losses(y, p) -> np.ndarray:
     return -np.log(p[np.arange(len(yi)), yi])
 
 
-def log_loss(y, p) -> float:
+def log_loss(y, p, renormalise: bool = True) -> float:
     """Multiclass log loss (mean of ``row_losses``); nan for no rows.
 
     ``y`` is a vector of class indices (0 A, 1 B, 2 tie) or an (n, 3) array of target probabilities."""
-    losses = row_losses(y, p)
+    losses = row_losses(y, p, renormalise)
     return float(losses.mean()) if len(losses) else float("nan")
 
 
