@@ -42,6 +42,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from gpu_jobs.contract.atomic import atomic_write_json, atomic_write_parquet
 from gpu_jobs.contract.pipes import open_pipes
 from gpu_jobs.contract.turns import TurnsError, parse_turns_fixes
 from gpu_jobs.models.loading import PYPI_PREFIX, package_dir, resolve_model
@@ -96,26 +97,6 @@ def conversation(user_turns: Sequence[str], answers: Sequence[str], turn: int) -
         messages.append({"role": "assistant", "content": answers[t]})
     messages.append({"role": "user", "content": user_turns[turn]})
     return messages
-
-
-def atomic_write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def metrics_path(output: str | Path) -> Path:

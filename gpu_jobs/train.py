@@ -38,11 +38,12 @@ import torch
 import torch.nn.functional as F
 
 from gpu_jobs import data as D
-from gpu_jobs.contract.metrics import accuracy, log_loss, per_class_loss
 from gpu_jobs.config import config_to_dict, load_config, save_config
+from gpu_jobs.contract.atomic import atomic_write_parquet, fsync_dir, publish_dir
+from gpu_jobs.contract.metrics import accuracy, log_loss, per_class_loss
 from gpu_jobs.contract.pipes import clean_metadata, open_pipes
 from gpu_jobs.precision import Precision, hardware_summary, resolve
-from gpu_jobs.predict import family_module, predict_loaded, prediction_frame, write_parquet
+from gpu_jobs.predict import family_module, predict_loaded, prediction_frame
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -151,19 +152,6 @@ def _restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover  (platforms without directory fds)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def read_checkpoint(path: Path, fingerprint: str) -> dict | None:
     """The marker of a complete checkpoint folder of this job, else None (missing or unreadable marker,
     another job's fingerprint, a missing or truncated file)."""
@@ -266,11 +254,9 @@ class Checkpointer:
                 json.dump(meta, fh, indent=1)
                 fh.flush()
                 os.fsync(fh.fileno())
-            _fsync_dir(tmp)
-            if final.exists():  # an incomplete leftover with this step's name (a complete one was resumed past)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.dir)
+            fsync_dir(tmp)
+            # an existing folder with this step's name is an incomplete leftover (a complete one was resumed past)
+            publish_dir(tmp, final, fsync=True)
             self._rotate()
         acc.wait_for_everyone()
         return final
@@ -488,14 +474,14 @@ def run(args: argparse.Namespace, cfg, accelerator, pipes, precision: Precision 
     metrics: dict = {}
     if main_proc:
         probs, probs_tta = results["oof"]
-        write_parquet(prediction_frame(val_df["id"], probs, val_df["fold"]), partial / "oof.parquet")
+        atomic_write_parquet(prediction_frame(val_df["id"], probs, val_df["fold"]), partial / "oof.parquet")
         if probs_tta is not None:
-            write_parquet(prediction_frame(val_df["id"], probs_tta, val_df["fold"]), partial / "oof_tta.parquet")
+            atomic_write_parquet(prediction_frame(val_df["id"], probs_tta, val_df["fold"]), partial / "oof_tta.parquet")
         for name, df in extra.items():
             p, p_tta = results[name]
-            write_parquet(prediction_frame(df["id"], p), partial / f"pred_{name}.parquet")
+            atomic_write_parquet(prediction_frame(df["id"], p), partial / f"pred_{name}.parquet")
             if p_tta is not None:
-                write_parquet(prediction_frame(df["id"], p_tta), partial / f"pred_{name}_tta.parquet")
+                atomic_write_parquet(prediction_frame(df["id"], p_tta), partial / f"pred_{name}_tta.parquet")
         val = log_losses(probs, y_val)
         metrics = {
             "val_log_loss": val["log_loss"], "val_accuracy": val["accuracy"],
@@ -515,23 +501,13 @@ def run(args: argparse.Namespace, cfg, accelerator, pipes, precision: Precision 
             metrics["val_log_loss_tta_mean"] = log_losses((probs + probs_tta) / 2, y_val)["log_loss"]
         with open(partial / "metrics.json", "w") as fh:
             json.dump(metrics, fh, indent=2)
-        _publish(partial, out)
+        publish_dir(partial, out)  # an older OUT is moved aside first and removed after
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # OUT is complete: nothing left to resume
         pipes.log.info(f"{cfg.name} fold {args.fold}: val_log_loss {metrics['val_log_loss']:.4f}, "
                        f"accuracy {metrics['val_accuracy']:.3f} -> {out}")
         pipes.report_asset_materialization(metadata=clean_metadata({**metrics, "output_dir": str(out)}))
     accelerator.wait_for_everyone()
     return metrics
-
-
-def _publish(partial: Path, out: Path) -> None:
-    """Rename OUT.partial to OUT; an older OUT is moved aside first and removed after."""
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(partial, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv=None) -> int:

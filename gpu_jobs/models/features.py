@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from gpu_jobs.contract.atomic import atomic_path, atomic_write_text
 from gpu_jobs.contract.schema import TEXT_COLUMNS
 from gpu_jobs.contract.swap import SWAP_PERMUTATION, swap_frame  # noqa: F401  (re-exported for callers)
 from gpu_jobs.contract.turns import TurnsError, parse_turns_fixes
@@ -801,12 +802,9 @@ class FeaturesModel:
             "sym_scale": self.sym_scale, "svd": self.svd, "estimator": self.estimator, "n_anti": self.n_anti,
             "feature_names": self.feature_names, "fit_info": self.fit_info,
         }
-        tmp = model_dir / (MODEL_FILE + ".partial")
-        sio.dump(state, tmp)
-        tmp.replace(model_dir / MODEL_FILE)
-        tmp = model_dir / "config.yaml.partial"
-        tmp.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        tmp.replace(model_dir / "config.yaml")
+        with atomic_path(model_dir / MODEL_FILE) as tmp:
+            sio.dump(state, tmp)
+        atomic_write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), model_dir / "config.yaml")
 
     @classmethod
     def load(cls, model_dir: Path) -> "FeaturesModel":

@@ -16,6 +16,8 @@ import os
 import shutil
 from pathlib import Path
 
+from gpu_jobs.contract.atomic import publish_dir
+
 PYPI_PREFIX = "pypi:"
 
 
@@ -59,12 +61,7 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
     model.hf_quantizer = None
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(partial, target)
-    except OSError:  # another process converted it first
-        shutil.rmtree(partial, ignore_errors=True)
-    return target
+    return publish_dir(partial, target, replace=False)  # another process may have converted it first
 
 
 def resolve_model(name: str) -> str:
