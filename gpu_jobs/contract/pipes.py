@@ -35,7 +35,9 @@ class NoOpPipes:
     """Stand-in for ``dagster_pipes.PipesContext``: same reporting methods; logs, reports nothing."""
 
     def __init__(self, quiet: bool = False):
-        self.log = _logger if not quiet else logging.getLogger("gpu_jobs.quiet")
+        # quiet: a logger outside the "gpu_jobs" tree (whose handler would echo it), with no handler of its
+        # own: info is dropped, warnings and errors still reach stderr through logging's last resort
+        self.log = _logger if not quiet else logging.getLogger("gpu_jobs_quiet")
         self.materializations: list[dict[str, Any]] = []  # kept for tests and for reading by hand
         self.extras: dict[str, Any] = {}
 
