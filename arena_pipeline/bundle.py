@@ -21,8 +21,10 @@ import numpy as np
 import pandas as pd
 
 from arena_pipeline import ensemble as ens
+from gpu_jobs.contract.atomic import publish_dir
+from gpu_jobs.contract.schema import LABEL_COLUMNS
 
-SUBMISSION_COLUMNS = ["winner_model_a", "winner_model_b", "winner_tie"]
+SUBMISSION_COLUMNS = list(LABEL_COLUMNS)  # the Kaggle submission names the probabilities so
 
 
 class BundleError(ValueError):
@@ -40,9 +42,7 @@ def write_bundle(target: Path, spec: dict, model_dirs: dict[tuple[str, str, int]
         models.setdefault(f"{stage}/{model}", {})[str(fold)] = str(rel)
     manifest = {**spec, "models": models, **extra, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     (partial / "bundle.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-    from arena_pipeline.resources.storage import replace_dir
-
-    return replace_dir(partial, target)
+    return publish_dir(partial, target)
 
 
 def load_manifest(bundle_dir: Path) -> dict:

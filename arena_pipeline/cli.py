@@ -35,15 +35,15 @@ OUTPUT_FORMATS = (".csv", ".parquet", ".jsonl", ".json")
 
 
 def _write_table(frame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if path.suffix == ".parquet":
-        frame.to_parquet(tmp, index=False)
-    elif path.suffix in (".jsonl", ".json"):
-        frame.to_json(tmp, orient="records", lines=True)
-    else:
-        frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    from gpu_jobs.contract.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        if path.suffix == ".parquet":
+            frame.to_parquet(tmp, index=False)
+        elif path.suffix in (".jsonl", ".json"):
+            frame.to_json(tmp, orient="records", lines=True)
+        else:
+            frame.to_csv(tmp, index=False)
 
 
 # ---------------------------------------------------------------- demo
@@ -169,7 +169,9 @@ def cmd_evaluate(args) -> int:
     if missing:
         raise InputError(f"{args.predictions}: row id={missing[0]}: column 'id': no prediction for this labelled row "
                          f"({len(missing)} missing). Score every row of {args.labels}.")
-    columns = [c for c in ("p_a", "p_b", "p_tie") if c in preds.columns] or ["winner_model_a", "winner_model_b", "winner_tie"]
+    from gpu_jobs.contract.schema import LABEL_COLUMNS, PROB_COLUMNS
+
+    columns = [c for c in PROB_COLUMNS if c in preds.columns] or list(LABEL_COLUMNS)
     p = preds.loc[labels["id"], columns].to_numpy(dtype=float)
     y = label_index(labels)
     report = {"rows": len(y), "log_loss": ens.log_loss3(y, p), "accuracy": ens.accuracy(y, p),

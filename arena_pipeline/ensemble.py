@@ -3,7 +3,8 @@
 Pure numpy / scipy / optuna, no Dagster: the ensemble and pseudo-label assets, the bundle and the CLI call
 these functions.
 
-- ``log_loss3`` / ``per_class_loss`` / ``accuracy``: the competition metric and its parts.
+- ``log_loss3`` / ``per_class_loss`` / ``accuracy``: the competition metric and its parts (imported from
+  ``gpu_jobs.contract.metrics``, the one implementation both packages use).
 - ``fit_weights``: non-negative weights, summing to 1, minimising the log loss of the weighted average of
   the members' probabilities. ``method="powell"`` is the reference recipe (scipy Powell on the weights,
   absolute value, normalised); ``method="optuna"`` a TPE search over the same simplex. Either way the
@@ -22,10 +23,12 @@ from typing import Mapping
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
 
-EPS = 1e-15
 MIN_WEIGHT = 1e-4  # a fitted weight below this is set to 0 (its member then never runs downstream)
-SWAP = [1, 0, 2]  # A/B swap permutation of the columns
-CLASS_NAMES = ("a", "b", "tie")
+from gpu_jobs.contract.metrics import EPS, accuracy, clip_probs, log_loss, per_class_loss  # noqa: F401
+from gpu_jobs.contract.metrics import check_probs as _probs
+from gpu_jobs.contract.metrics import target_probs as _targets
+from gpu_jobs.contract.swap import SWAP_PERMUTATION as SWAP  # noqa: F401  (ens.SWAP)
+
 _TEMPERATURE_BOUNDS = (0.05, 20.0)
 _TIE_BIAS_BOUNDS = (-8.0, 8.0)
 
@@ -33,44 +36,8 @@ _TIE_BIAS_BOUNDS = (-8.0, 8.0)
 # ------------------------------------------------------------------------------------------- checks
 
 
-def _probs(p, name: str = "probabilities") -> np.ndarray:
-    p = np.asarray(p, dtype=np.float64)
-    if p.ndim != 2 or p.shape[1] != 3:
-        raise ValueError(f"{name} must have shape (n, 3) [A wins, B wins, tie], got {p.shape}")
-    if not np.all(np.isfinite(p)):
-        bad = int(np.argwhere(~np.isfinite(p))[0, 0])
-        raise ValueError(f"{name}: row {bad} is not finite ({p[bad].tolist()})")
-    return p
-
-
-def _labels(y, n: int | None = None) -> np.ndarray:
-    y = np.asarray(y)
-    if y.ndim == 2:  # one-hot / probability targets -> class index (only for accuracy and splits)
-        y = y.argmax(axis=1)
-    if y.ndim != 1:
-        raise ValueError(f"labels must be a 1-d array of 0/1/2 (A, B, tie), got shape {y.shape}")
-    if n is not None and len(y) != n:
-        raise ValueError(f"labels have {len(y)} rows but the probabilities have {n}")
-    yi = y.astype(int)
-    if len(yi) and (np.any(yi != y) or yi.min() < 0 or yi.max() > 2):
-        raise ValueError("labels must be 0 (A wins), 1 (B wins) or 2 (tie)")
-    return yi
-
-
-def _targets(y, n: int) -> np.ndarray:
-    """(n, 3) target probabilities from class indices or from (n, 3) soft / one-hot targets."""
-    y = np.asarray(y)
-    if y.ndim == 2:
-        t = y.astype(np.float64)
-        if t.shape != (n, 3) or not np.all(np.isfinite(t)) or (t < 0).any():
-            raise ValueError(f"targets must be (n={n}, 3) non-negative probabilities, got shape {t.shape}")
-        return t
-    return np.eye(3)[_labels(y, n)]
-
-
 def _normalise(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, EPS, 1.0)
-    return p / p.sum(axis=1, keepdims=True)
+    return clip_probs(p)
 
 
 def _members(member_probs: Mapping[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
@@ -87,43 +54,7 @@ def _members(member_probs: Mapping[str, np.ndarray]) -> tuple[list[str], np.ndar
 # ------------------------------------------------------------------------------------------ metrics
 
 
-def log_loss3(y, p) -> float:
-    """Multiclass log loss, probabilities clipped at 1e-15 and renormalised (the competition metric).
-
-    ``y`` is a vector of class indices (0 A, 1 B, 2 tie) or an (n, 3) array of target probabilities
-    (cross-entropy with soft targets). The fitting functions below accept either form too.
-    """
-    p = _normalise(_probs(p))
-    y = np.asarray(y)
-    if y.ndim == 2:
-        t = np.asarray(y, dtype=np.float64)
-        if t.shape != p.shape:
-            raise ValueError(f"targets shape {t.shape} differs from probabilities shape {p.shape}")
-        return float(-np.mean(np.sum(t * np.log(p), axis=1)))
-    yi = _labels(y, len(p))
-    if len(yi) == 0:
-        return float("nan")
-    return float(-np.mean(np.log(p[np.arange(len(yi)), yi])))
-
-
-log_loss = log_loss3  # the short name
-
-
-def per_class_loss(y, p) -> dict[str, float]:
-    """Log loss over the rows of each true class: {"a", "b", "tie"} (nan where a class has no rows)."""
-    p = _normalise(_probs(p))
-    yi = _labels(y, len(p))
-    out = {}
-    for k, name in enumerate(CLASS_NAMES):
-        mask = yi == k
-        out[name] = float(-np.mean(np.log(p[mask, k]))) if mask.any() else float("nan")
-    return out
-
-
-def accuracy(y, p) -> float:
-    p = _probs(p)
-    yi = _labels(y, len(p))
-    return float(np.mean(p.argmax(axis=1) == yi)) if len(yi) else float("nan")
+log_loss3 = log_loss  # the competition metric (gpu_jobs.contract.metrics), under its historical name
 
 
 # --------------------------------------------------------------------------------------- blending
@@ -170,8 +101,8 @@ def fit_weights(
     stack = stack / np.clip(stack.sum(axis=2, keepdims=True), EPS, None)
 
     def loss(raw: np.ndarray) -> float:
-        p = np.tensordot(_simplex(raw), stack, axes=1)
-        return float(-np.mean(np.sum(t * np.log(np.clip(p, EPS, 1.0)), axis=1)))
+        # the blend of normalised members sums to 1: clipped, not renormalised (as fitted so far)
+        return log_loss(t, np.tensordot(_simplex(raw), stack, axes=1), renormalise=False)
 
     candidates = [np.full(m, 1.0 / m)] + [np.eye(m)[i] for i in range(m)]
     if method == "powell":

@@ -30,10 +30,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gpu_jobs.models.features import SWAP_PERMUTATION, FeaturesConfig, FeaturesModel, swap_frame  # noqa: E402
+from arena_pipeline.data.clean import prompt_group  # noqa: E402
+from gpu_jobs.contract import LABEL_COLUMNS, SWAP_PERMUTATION, log_loss, parse_turns, swap_frame  # noqa: E402
+from gpu_jobs.models.features import FeaturesConfig, FeaturesModel  # noqa: E402
 
 DATA = ROOT / "data" / "shipped"
-LABELS = ["winner_model_a", "winner_model_b", "winner_tie"]
+LABELS = list(LABEL_COLUMNS)
 
 ALL_GROUPS = ["length", "repetition", "structure", "refusal", "quality", "overlap", "similarity", "prompt"]
 # overrides on top of --config (default: gpu_jobs/configs/features.yaml)
@@ -93,7 +95,7 @@ def offprompt_pairs(seed: int = 0) -> pd.DataFrame:
 
     answers = pd.read_parquet(DATA / "arena_bench_answers.parquet").dropna(subset=["judge_score"])
     prompts = answers.drop_duplicates("question_id")[["question_id", "prompt"]].reset_index(drop=True)
-    tfidf = TfidfVectorizer(stop_words="english").fit_transform(prompts["prompt"].map(lambda s: json.loads(s)[0]))
+    tfidf = TfidfVectorizer(stop_words="english").fit_transform(prompts["prompt"].map(lambda s: parse_turns(s)[0]))
     sim = (tfidf @ tfidf.T).toarray()
     np.fill_diagonal(sim, -1)
     by_question = dict(tuple(answers.groupby("question_id")))
@@ -119,10 +121,6 @@ def _with_offprompt(train: pd.DataFrame):
 
 TRAIN_VARIANTS = {"plain": _plain, "votes": _vote_soft_labels, "margin": _margin_soft_labels,
                   "offprompt": _with_offprompt}
-
-
-def _norm(prompt_json: str) -> str:
-    return " ".join(json.loads(prompt_json)[0].lower().split())
 
 
 def load(all_pairs: bool = False) -> dict[str, pd.DataFrame]:
@@ -151,12 +149,6 @@ def make_model(cfg_dict: dict) -> FeaturesModel:
     return model
 
 
-def log_loss(y: np.ndarray, p: np.ndarray) -> float:
-    p = np.clip(p, 1e-15, 1)
-    p = p / p.sum(1, keepdims=True)
-    return float(-np.mean(np.log(p[np.arange(len(y)), y])))
-
-
 def arena_cv(cfg_dict: dict, frames: dict[str, pd.DataFrame], n_splits: int = 5) -> dict:
     """In-domain check: 5-fold CV on arena_bench_pairs grouped by question (unseen prompts, GPT-4 labels)."""
     from sklearn.model_selection import GroupKFold
@@ -183,8 +175,8 @@ def evaluate(cfg_dict: dict, frames: dict[str, pd.DataFrame], verbose: bool = Tr
     for test_name, other in (("pandalm_test", "llmbar"), ("llmbar", "pandalm_test")):
         test = frames[test_name]
         train = pd.concat([frames["arena_bench_pairs"], frames[other]], ignore_index=True)
-        test_prompts = set(test.prompt.map(_norm))
-        train = train[~train.prompt.map(_norm).isin(test_prompts)].reset_index(drop=True)
+        test_prompts = set(test.prompt.map(prompt_group))
+        train = train[~train.prompt.map(prompt_group).isin(test_prompts)].reset_index(drop=True)
         train, targets, weights = TRAIN_VARIANTS[train_variant](train)
         model = make_model(cfg_dict)
         t0 = time.perf_counter()

@@ -10,9 +10,6 @@ part keeping at least a few tokens), so response B is never cut off while A and 
 
 from __future__ import annotations
 
-import json
-import math
-import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -20,11 +17,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-TEXT_COLUMNS = ["prompt", "response_a", "response_b"]
-WINNER_COLUMNS = ["winner_model_a", "winner_model_b", "winner_tie"]
-TARGET_COLUMNS = ["target_a", "target_b", "target_tie"]
-PROB_COLUMNS = ["p_a", "p_b", "p_tie"]
-SWAP_PERMUTATION = [1, 0, 2]  # A <-> B, tie stays
+from gpu_jobs.contract import schema
+from gpu_jobs.contract.swap import SWAP_PERMUTATION, swap_frame  # noqa: F401  (the jobs' D.swap_frame)
+from gpu_jobs.contract.turns import parse_turns
+
+# the contract's column names as lists (pandas indexes with lists; tuples would be one key)
+TEXT_COLUMNS = list(schema.TEXT_COLUMNS)
+WINNER_COLUMNS = list(schema.LABEL_COLUMNS)
+TARGET_COLUMNS = list(schema.TARGET_COLUMNS)
+PROB_COLUMNS = list(schema.PROB_COLUMNS)
 
 TAGS = ("<PROMPT>", "</PROMPT>", "<RESPONSE A>", "</RESPONSE A>", "<RESPONSE B>", "</RESPONSE B>")
 
@@ -93,51 +94,7 @@ def split_fold(frame: pd.DataFrame, fold: int, source: str = "<frame>") -> tuple
     return train, val
 
 
-def swap_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """The same pairs with A and B exchanged (texts, labels, soft targets, model names, votes, scores)."""
-    out = frame.copy()
-    for a, b in [("response_a", "response_b"), ("winner_model_a", "winner_model_b"), ("target_a", "target_b"),
-                 ("model_a", "model_b"), ("score_a", "score_b"), ("votes_a", "votes_b"), ("p_a", "p_b")]:
-        if a in frame.columns and b in frame.columns:
-            out[a], out[b] = frame[b].to_numpy(), frame[a].to_numpy()
-    return out
-
-
 # ------------------------------------------------------------------------------------------ text
-_SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
-
-
-def clean_text(text: str) -> str:
-    """``text`` with every lone surrogate (e.g. from a JSON escape ``"\\ud83d"`` without its pair) replaced
-    by U+FFFD, which the tokenizers cannot encode; a high + low pair left as two code points is joined."""
-    if not _SURROGATE_RE.search(text):
-        return text
-    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
-
-
-def parse_turns(value) -> list[str]:
-    """A contract-1 text cell (JSON list of strings, one per turn) as a list; plain strings are one turn.
-
-    Never raises on odd cells: text that is not JSON, or JSON nested too deeply to parse (thousands of
-    ``[``), is one plain-text turn; lone surrogates become U+FFFD."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return [""]
-    if isinstance(value, (list, tuple, np.ndarray)):
-        items = list(value)
-    else:
-        try:
-            items = json.loads(value)
-        except (TypeError, ValueError, RecursionError):
-            items = [value]
-        if not isinstance(items, list):
-            items = [items]
-    try:
-        turns = ["" if v is None else str(v) for v in items] or [""]
-    except RecursionError:  # a nested list just shallow enough to parse, too deep to print
-        turns = [str(value)]
-    return [clean_text(t) for t in turns]
-
-
 def _special_wrap(tokenizer) -> tuple[list[int], list[int]]:
     """Ids the tokenizer adds around a single sequence (e.g. [CLS] ... [SEP]; nothing for SmolLM2)."""
     cached = getattr(tokenizer, "_arena_wrap", None)

@@ -31,7 +31,6 @@ the output is deterministic for the same input, seed and batch size.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -39,10 +38,13 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import pandas as pd
 
+from gpu_jobs.contract.atomic import atomic_write_json, atomic_write_parquet
+from gpu_jobs.contract.pipes import open_pipes
+from gpu_jobs.contract.turns import TurnsError, parse_turns_fixes
 from gpu_jobs.models.loading import PYPI_PREFIX, package_dir, resolve_model
 from gpu_jobs.precision import PRECISIONS, Precision, resolve
 
@@ -72,10 +74,12 @@ def read_prompts(path: str | Path, limit: int | None = None) -> tuple[pd.DataFra
     turns: list[list[str]] = []
     for row_id, raw in zip(frame["id"], frame["prompt"]):
         try:
-            parsed = json.loads(raw) if isinstance(raw, str) else None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: row id {row_id!r}, column `prompt` is not valid JSON ({exc})") from exc
-        if not isinstance(parsed, list) or not parsed or not all(isinstance(t, str) for t in parsed):
+            parsed, fixes = parse_turns_fixes(raw, strict=True)
+        except TurnsError as err:
+            if err.kind == "json":
+                raise ValueError(f"{path}: row id {row_id!r}, column `prompt` is not valid JSON ({err.detail})") from err
+            fixes = {"non_list_cell"}
+        if fixes - {"lone_surrogate"}:  # repaired surrogates are fine; nulls, numbers, [] or one bare string not
             raise ValueError(
                 f"{path}: row id {row_id!r}, column `prompt` must be a non-empty JSON list of strings "
                 f"(one per user turn), got {str(raw)[:80]!r}"
@@ -93,26 +97,6 @@ def conversation(user_turns: Sequence[str], answers: Sequence[str], turn: int) -
         messages.append({"role": "assistant", "content": answers[t]})
     messages.append({"role": "user", "content": user_turns[turn]})
     return messages
-
-
-def atomic_write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def metrics_path(output: str | Path) -> Path:
@@ -422,35 +406,6 @@ def run(args, log=print) -> Metrics:
 
 
 # --------------------------------------------------------------------------------------------- Dagster Pipes
-class _NoPipes:
-    """Stand-in when the job was not launched by Dagster (or dagster-pipes is not installed)."""
-
-    class _Log:
-        def info(self, msg: str) -> None:
-            pass
-
-    log = _Log()
-
-    def report_asset_materialization(self, metadata=None, **_) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def pipes_context() -> Iterator:
-    if not os.environ.get("DAGSTER_PIPES_CONTEXT"):
-        yield _NoPipes()
-        return
-    try:
-        from dagster_pipes import open_dagster_pipes
-    except ImportError:
-        print("warning: DAGSTER_PIPES_CONTEXT is set but dagster-pipes is not installed in this environment; "
-              "metrics go to the .metrics.json file only", file=sys.stderr)
-        yield _NoPipes()
-        return
-    with open_dagster_pipes() as pipes:
-        yield pipes
-
-
 def pipes_metadata(metrics: Metrics, output: str | Path) -> dict:
     data = asdict(metrics)
     data.pop("per_turn_s")
@@ -488,7 +443,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    with pipes_context() as pipes:
+    with open_pipes(quiet=True) as pipes:  # log() below prints; the stand-in need not echo it
         def log(msg: str) -> None:
             print(f"[generate] {msg}", flush=True)
             pipes.log.info(msg)

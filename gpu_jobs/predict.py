@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import yaml
 
 from gpu_jobs import data as D
 from gpu_jobs.config import config_from_dict
+from gpu_jobs.contract.atomic import atomic_write_parquet
 from gpu_jobs.precision import Precision, resolve
 
 
@@ -162,15 +162,6 @@ def prediction_frame(ids: pd.Series, probs: np.ndarray, folds: pd.Series | None 
     return out
 
 
-def write_parquet(frame: pd.DataFrame, path: str | Path) -> None:
-    """Atomic parquet write: aside, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
 def tta_path(output: str | Path) -> Path:
     output = Path(output)
     return output.with_name(f"{output.stem}_tta{output.suffix or '.parquet'}")
@@ -191,7 +182,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from accelerate import Accelerator
 
-    from gpu_jobs.pipes import open_pipes
+    from gpu_jobs.contract.pipes import open_pipes
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     with open_pipes() as pipes:
@@ -208,9 +199,9 @@ def main(argv=None) -> int:
                                              accelerator=accelerator)
             seconds = time.perf_counter() - t0
             if accelerator.is_main_process:
-                write_parquet(prediction_frame(frame["id"], probs), args.output)
+                atomic_write_parquet(prediction_frame(frame["id"], probs), args.output)
                 if probs_tta is not None:
-                    write_parquet(prediction_frame(frame["id"], probs_tta), tta_path(args.output))
+                    atomic_write_parquet(prediction_frame(frame["id"], probs_tta), tta_path(args.output))
                 rate = len(frame) * (2 if args.tta else 1) / max(seconds, 1e-9)
                 pipes.log.info(f"predicted {len(frame)} rows -> {args.output} ({rate:.1f} examples/s)")
                 pipes.report_asset_materialization(metadata={"n_rows": len(frame), "predict_examples_per_s": rate,

@@ -35,12 +35,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from gpu_jobs import data as D
 from gpu_jobs.config import config_to_dict, load_config, save_config
-from gpu_jobs.pipes import clean_metadata, open_pipes
+from gpu_jobs.contract.atomic import atomic_write_parquet, fsync_dir, publish_dir
+from gpu_jobs.contract.metrics import accuracy, log_loss, per_class_loss
+from gpu_jobs.contract.pipes import clean_metadata, open_pipes
 from gpu_jobs.precision import Precision, hardware_summary, resolve
-from gpu_jobs.predict import family_module, predict_loaded, prediction_frame, write_parquet
+from gpu_jobs.predict import family_module, predict_loaded, prediction_frame
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -75,8 +78,9 @@ def parse_predict_specs(specs: list[str]) -> dict[str, Path]:
 
 # ------------------------------------------------------------------------------------------ pieces
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy with probability targets (one-hot human labels or soft pseudo labels), weighted mean."""
-    per_row = -(targets * torch.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
+    """Cross-entropy with probability targets (one-hot human labels or soft pseudo labels), weighted mean over
+    rows (``F.cross_entropy`` weights classes, not rows: the per-row losses are weighted here)."""
+    per_row = F.cross_entropy(logits.float(), targets, reduction="none")
     return (per_row * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
@@ -107,12 +111,11 @@ def make_optimizer(model, cfg, head_names: tuple[str, ...]) -> torch.optim.Optim
 
 
 def log_losses(probs: np.ndarray, y: np.ndarray) -> dict[str, float | None]:
-    """Multiclass log loss, accuracy and the loss on the rows of each true class."""
-    p = np.clip(probs / probs.sum(axis=1, keepdims=True), 1e-15, 1.0)
-    nll = -np.log(p[np.arange(len(y)), y])
-    out: dict[str, float | None] = {"log_loss": float(nll.mean()), "accuracy": float((p.argmax(1) == y).mean())}
-    for c, name in enumerate(["a", "b", "tie"]):
-        out[f"loss_{name}"] = float(nll[y == c].mean()) if (y == c).any() else None
+    """Multiclass log loss, accuracy and the loss on the rows of each true class (None where none)."""
+    p = probs / probs.sum(axis=1, keepdims=True)  # float32 softmax outputs sum to 1 only within ~1e-7
+    out: dict[str, float | None] = {"log_loss": log_loss(y, p), "accuracy": accuracy(y, p)}
+    for name, loss in per_class_loss(y, p).items():
+        out[f"loss_{name}"] = None if math.isnan(loss) else loss
     return out
 
 
@@ -152,19 +155,6 @@ def _restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover  (platforms without directory fds)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_checkpoint(path: Path, fingerprint: str) -> dict | None:
@@ -269,11 +259,9 @@ class Checkpointer:
                 json.dump(meta, fh, indent=1)
                 fh.flush()
                 os.fsync(fh.fileno())
-            _fsync_dir(tmp)
-            if final.exists():  # an incomplete leftover with this step's name (a complete one was resumed past)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.dir)
+            fsync_dir(tmp)
+            # an existing folder with this step's name is an incomplete leftover (a complete one was resumed past)
+            publish_dir(tmp, final, fsync=True)
             self._rotate()
         acc.wait_for_everyone()
         return final
@@ -498,14 +486,14 @@ def run(args: argparse.Namespace, cfg, accelerator, pipes, precision: Precision 
     metrics: dict = {}
     if main_proc:
         probs, probs_tta = results["oof"]
-        write_parquet(prediction_frame(val_df["id"], probs, val_df["fold"]), partial / "oof.parquet")
+        atomic_write_parquet(prediction_frame(val_df["id"], probs, val_df["fold"]), partial / "oof.parquet")
         if probs_tta is not None:
-            write_parquet(prediction_frame(val_df["id"], probs_tta, val_df["fold"]), partial / "oof_tta.parquet")
+            atomic_write_parquet(prediction_frame(val_df["id"], probs_tta, val_df["fold"]), partial / "oof_tta.parquet")
         for name, df in extra.items():
             p, p_tta = results[name]
-            write_parquet(prediction_frame(df["id"], p), partial / f"pred_{name}.parquet")
+            atomic_write_parquet(prediction_frame(df["id"], p), partial / f"pred_{name}.parquet")
             if p_tta is not None:
-                write_parquet(prediction_frame(df["id"], p_tta), partial / f"pred_{name}_tta.parquet")
+                atomic_write_parquet(prediction_frame(df["id"], p_tta), partial / f"pred_{name}_tta.parquet")
         val = log_losses(probs, y_val)
         metrics = {
             "val_log_loss": val["log_loss"], "val_accuracy": val["accuracy"],
@@ -525,23 +513,13 @@ def run(args: argparse.Namespace, cfg, accelerator, pipes, precision: Precision 
             metrics["val_log_loss_tta_mean"] = log_losses((probs + probs_tta) / 2, y_val)["log_loss"]
         with open(partial / "metrics.json", "w") as fh:
             json.dump(metrics, fh, indent=2)
-        _publish(partial, out)
+        publish_dir(partial, out)  # an older OUT is moved aside first and removed after
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # OUT is complete: nothing left to resume
         pipes.log.info(f"{cfg.name} fold {args.fold}: val_log_loss {metrics['val_log_loss']:.4f}, "
                        f"accuracy {metrics['val_accuracy']:.3f} -> {out}")
         pipes.report_asset_materialization(metadata=clean_metadata({**metrics, "output_dir": str(out)}))
     accelerator.wait_for_everyone()
     return metrics
-
-
-def _publish(partial: Path, out: Path) -> None:
-    """Rename OUT.partial to OUT; an older OUT is moved aside first and removed after."""
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(partial, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,7 @@ from arena_pipeline.data.clean import clean_frame
 from arena_pipeline.resources.launcher import JobLauncher, vllm_available
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_parquet, file_version
 from arena_pipeline.resources.tracking import MlflowTracking
+from gpu_jobs.contract.turns import parse_turns
 
 GROUP = "pseudo_labelling"
 
@@ -27,8 +28,8 @@ def pair_completions(completions: pd.DataFrame, prompts: pd.DataFrame, seed: int
         columns={"response": "existing", "model": "existing_model"}), on="id", how="inner")
     rng = np.random.default_rng(seed)
     generated_is_a = rng.random(len(merged)) < 0.5
-    gen_turns = merged["response"].map(json.loads)
-    old_turns = merged["existing"].map(json.loads)
+    gen_turns = merged["response"].map(parse_turns)
+    old_turns = merged["existing"].map(parse_turns)
     # the existing answer covers the prompt's turns; keep the same number of generated turns
     gen_turns = [g[: max(len(o), 1)] for g, o in zip(gen_turns, old_turns)]
     gen_json = [json.dumps(t, ensure_ascii=False) for t in gen_turns]

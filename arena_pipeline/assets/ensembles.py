@@ -20,8 +20,9 @@ from arena_pipeline.config import Profile
 from arena_pipeline.data.folds import label_index
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_json, atomic_write_parquet
 from arena_pipeline.resources.tracking import MlflowTracking
+from gpu_jobs.contract.schema import PROB_COLUMNS
 
-PROBS = ["p_a", "p_b", "p_tie"]
+PROBS = list(PROB_COLUMNS)
 
 
 @dataclass(frozen=True)

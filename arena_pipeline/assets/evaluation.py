@@ -25,9 +25,10 @@ from arena_pipeline.data.folds import label_index
 from arena_pipeline.resources.launcher import JobLauncher
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_json, atomic_write_parquet
 from arena_pipeline.resources.tracking import MlflowTracking
+from gpu_jobs.contract.schema import PROB_COLUMNS
 
 HELD_OUT_FOLD = 99  # the validation "fold" of a LOSO training job
-PROBS = ["p_a", "p_b", "p_tie"]
+PROBS = list(PROB_COLUMNS)
 
 
 def loso_split(processed: pd.DataFrame, source: str) -> pd.DataFrame:

@@ -21,6 +21,7 @@ from arena_pipeline.data.folds import label_index
 from arena_pipeline.partitions import fold_partitions, run_folds
 from arena_pipeline.resources.launcher import JobLauncher
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_json, atomic_write_parquet, file_version
+from gpu_jobs.contract.schema import LABEL_COLUMNS, PROB_COLUMNS, TARGET_COLUMNS, WEIGHT_COLUMN
 from arena_pipeline.resources.tracking import MlflowTracking
 
 STAGE1, STAGE2 = "stage1", "stage2"
@@ -60,10 +61,9 @@ def stage2_training_data(storage: ArenaStorage, fold: int, pseudo_weight: float)
     pseudo = pd.read_parquet(storage.pseudo_labels(fold))
     pseudo = pseudo.assign(fold=-1, sample_weight=float(pseudo_weight))
     keep = ["id", "prompt", "response_a", "response_b", "model_a", "model_b", "source", "group", "fold",
-            "target_a", "target_b", "target_tie", "sample_weight"]
-    combined = pd.concat([human[keep + ["winner_model_a", "winner_model_b", "winner_tie"]], pseudo[keep]],
-                         ignore_index=True)
-    for column in ("winner_model_a", "winner_model_b", "winner_tie"):
+            *TARGET_COLUMNS, WEIGHT_COLUMN]
+    combined = pd.concat([human[keep + list(LABEL_COLUMNS)], pseudo[keep]], ignore_index=True)
+    for column in LABEL_COLUMNS:
         combined[column] = combined[column].fillna(-1).astype("int8")  # -1: no human label (pseudo rows)
     return atomic_write_parquet(combined, storage.scratch("stage2") / f"train_fold{fold}.parquet")
 
@@ -72,7 +72,7 @@ def fold_plots(out: Path, processed: pd.DataFrame, title: str) -> dict[str, Path
     oof = pd.read_parquet(out / "oof.parquet")
     truth = processed.set_index("id").loc[oof["id"]]
     y = label_index(truth.reset_index())
-    probs = oof[["p_a", "p_b", "p_tie"]].to_numpy()
+    probs = oof[list(PROB_COLUMNS)].to_numpy()
     folder = out / "plots"
     return {
         "confusion_matrix": plots.confusion_matrix(y, probs, folder / "confusion_matrix.png", title),

@@ -23,10 +23,11 @@ from arena_pipeline.config import Profile
 from arena_pipeline.resources.launcher import JobLauncher
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_json, atomic_write_parquet
 from arena_pipeline.resources.tracking import MlflowTracking
+from gpu_jobs.contract.schema import PROB_COLUMNS, TARGET_COLUMNS
 
 GROUP = "pseudo_labelling"
-TARGETS = ["target_a", "target_b", "target_tie"]
-PROBS = ["p_a", "p_b", "p_tie"]
+TARGETS = list(TARGET_COLUMNS)
+PROBS = list(PROB_COLUMNS)
 
 
 def teachers_file(storage: ArenaStorage, fold: int) -> Path:

@@ -17,6 +17,7 @@ from arena_pipeline.data.clean import clean_frame
 from arena_pipeline.data.folds import label_index, length_percentiles
 from arena_pipeline.data.load import read_table
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_parquet, file_version
+from gpu_jobs.contract.schema import CLASS_NAMES
 
 GROUP = "inputs"
 
@@ -50,7 +51,7 @@ def load_clean(paths: list[str], *, labelled: bool, limit: int | None, seed: int
 
 def label_balance(frame: pd.DataFrame) -> dict[str, float]:
     y = label_index(frame)
-    return {name: round(float(np.mean(y == k)), 4) for k, name in enumerate(("a", "b", "tie"))}
+    return {name: round(float(np.mean(y == k)), 4) for k, name in enumerate(CLASS_NAMES)}
 
 
 def _table_metadata(frame: pd.DataFrame, per_file: dict, path: Path, labelled: bool) -> dict:

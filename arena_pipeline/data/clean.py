@@ -1,4 +1,4 @@
-"""Turn parsing, validation, normalisation and de-duplication of pair tables.
+"""Validation, normalisation and de-duplication of pair tables (turn parsing: ``gpu_jobs.contract.turns``).
 
 Every change is counted in a ``CleaningReport``; nothing is dropped without a count.
 """
@@ -6,7 +6,6 @@ Every change is counted in a ``CleaningReport``; nothing is dropped without a co
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+
+from gpu_jobs.contract.turns import SURROGATE as _SURROGATE
+from gpu_jobs.contract.turns import fix_surrogates as _fix_surrogates
+from gpu_jobs.contract.turns import is_missing as _is_missing
+from gpu_jobs.contract.turns import parse_turns
+from gpu_jobs.contract.turns import parse_turns_fixes as _parse
 
 from arena_pipeline.data.schema import (
     GROUP_COLUMN,
@@ -25,27 +30,21 @@ from arena_pipeline.data.schema import (
     DataError,
 )
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
 # A JSON escape of a surrogate (\ud83d, \uDC00, ...); may also match an escaped backslash followed by
 # "ud8..", which only sends the cell down the general (slower, same result) path.
 _SURROGATE_ESCAPE = r"\\[uU][dD][89a-fA-F]"
-_SURROGATE_ANY = re.compile("[\ud800-\udfff]|" + _SURROGATE_ESCAPE)
+_SURROGATE_ANY = re.compile(_SURROGATE.pattern + "|" + _SURROGATE_ESCAPE)
 _RAW_DECODE = json.JSONDecoder().raw_decode  # json.loads without whitespace handling: (value, end)
 _ENCODE_STR = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) uses for a str
 LONG_TEXT_CHARS = 100_000
 _CHUNK_ROWS = 4096  # rows cleaned at a time (their Python strings are freed after each chunk)
 
-# Keys always present in a report (zeros included), so the metadata has a stable shape.
+# Keys always present in a report (zeros included), so the metadata has a stable shape. Turn parsing
+# (``gpu_jobs.contract.turns``) reports its repairs by these names; its "non_text_turn" (a number in a
+# list, kept as its JSON text) is not counted as a repair.
 REMOVED_KEYS = ("duplicate", "conflicting_duplicate_merged")
 FIXED_KEYS = ("lone_surrogate", "null_turn", "non_list_cell", "nested_turn", "empty_turn_list", "turns_padded")
 FLAGGED_KEYS = ("empty_prompt", "empty_response", "text_over_100k_chars")
-
-
-def _fix_surrogates(text: str) -> tuple[str, bool]:
-    """Replace unpaired surrogates with U+FFFD (a correctly ordered pair is joined into its character)."""
-    if _SURROGATE.search(text) is None:
-        return text, False
-    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace"), True
 
 
 def _encode_turns(turns: list[str]) -> str:
@@ -61,104 +60,6 @@ def _decode_list(cell: str):
     except (ValueError, RecursionError):
         return None
     return value if end == len(cell) and type(value) is list else None
-
-
-def _is_missing(value: object) -> bool:
-    if value is None or value is pd.NA:
-        return True
-    return isinstance(value, float) and math.isnan(value)
-
-
-def _item_text(item: object, flags: set[str]) -> str:
-    if isinstance(item, str):
-        return item
-    if _is_missing(item):
-        flags.add("null_turn")
-        return ""
-    if isinstance(item, bytes):  # a list<binary> column: text, like a bytes cell
-        return item.decode("utf-8", "replace")
-    if isinstance(item, np.ndarray):
-        item = item.tolist()
-    if isinstance(item, np.generic):
-        item = item.item()
-    if isinstance(item, (list, tuple, dict)):
-        flags.add("nested_turn")
-        return json.dumps(item, ensure_ascii=False, default=str)
-    if isinstance(item, (bool, int, float)):
-        return json.dumps(item)
-    return str(item)
-
-
-def _parse(cell: object) -> tuple[list[str], set[str]]:
-    """``parse_turns`` plus the set of fixes it applied (keys of ``FIXED_KEYS``)."""
-    try:
-        return _parse_cell(cell)
-    except RecursionError:  # JSON nested deeper than Python's recursion limit: keep the text as written
-        try:
-            text = cell if isinstance(cell, str) else str(cell)
-        except RecursionError:
-            text = ""
-        fixed_text, fixed = _fix_surrogates(text)
-        return [fixed_text], {"non_list_cell", "lone_surrogate"} if fixed else {"non_list_cell"}
-
-
-def _parse_cell(cell: object) -> tuple[list[str], set[str]]:
-    flags: set[str] = set()
-    if isinstance(cell, bytes):
-        cell = cell.decode("utf-8", "replace")
-    if isinstance(cell, (list, tuple, np.ndarray)):
-        items = list(cell)
-    elif _is_missing(cell):
-        return [""], {"non_list_cell"}
-    elif isinstance(cell, str):
-        try:
-            value = json.loads(cell)
-        except ValueError:  # plain text (JSONDecodeError is a ValueError)
-            value = cell
-            flags.add("non_list_cell")
-        else:
-            if not isinstance(value, list):
-                flags.add("non_list_cell")
-                if value is None:
-                    return [""], flags
-                # A JSON string is decoded; a number / bool / object keeps its text as written.
-                value = value if isinstance(value, str) else cell
-        if isinstance(value, list):
-            items = value
-        else:
-            text, fixed = _fix_surrogates(value)
-            if fixed:
-                flags.add("lone_surrogate")
-            return [text], flags
-    else:
-        flags.add("non_list_cell")
-        items = [cell]
-    if not items:
-        flags.add("empty_turn_list")
-        return [""], flags
-    turns = []
-    for item in items:
-        text, fixed = _fix_surrogates(_item_text(item, flags))
-        if fixed:
-            flags.add("lone_surrogate")
-        turns.append(text)
-    return turns, flags
-
-
-def parse_turns(cell: object) -> list[str]:
-    """The turns of one text cell, as a list of UTF-8-safe strings (at least one).
-
-    - a JSON list (or a Python list / numpy array) -> its items as ``str``; ``null`` items -> "";
-      nested lists / objects -> ``json.dumps(item)``; numbers / bools -> their JSON text;
-      an empty list -> ``[""]``;
-    - unpaired surrogates (a lone ``\\ud83d`` escape in the JSON text, or a ``str`` holding one) ->
-      U+FFFD, so every turn encodes as UTF-8;
-    - anything that is not a JSON list is one turn: plain text as is, a JSON string decoded, a JSON
-      number / object as written, JSON ``null`` / NaN / None -> ``[""]``; JSON nested too deeply
-      to decode (thousands of levels) is plain text too;
-    - ``bytes`` (a cell or a list item) are decoded as UTF-8 (invalid bytes -> U+FFFD).
-    """
-    return _parse(cell)[0]
 
 
 def _normalise_prompt_text(text: str) -> str:
@@ -233,7 +134,8 @@ def _clean_row(cell_p, cell_a, cell_b, fast: bool, escaped: bool, name_surrogate
             row_flags.add("turns_padded")
             turn_lists = [t + [""] * (n_turns - len(t)) for t in turn_lists]
         for key in row_flags:
-            fixed[key] += 1
+            if key in fixed:
+                fixed[key] += 1
     prompt, resp_a, resp_b = turn_lists
     if _blank(prompt):
         flagged["empty_prompt"] += 1

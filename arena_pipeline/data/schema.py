@@ -1,4 +1,4 @@
-"""Column names of the pair tables and the one error type of the data layer.
+"""Column names of the pair tables (from ``gpu_jobs.contract.schema``) and the one error type of the data layer.
 
 The table layout is Contract 1 in ``docs/architecture.md``: ``id``, the three text columns (each a
 ``json.dumps(list[str])``, one item per turn), the three one-hot label columns, ``model_a``,
@@ -7,27 +7,17 @@ The table layout is Contract 1 in ``docs/architecture.md``: ``id``, the three te
 
 from __future__ import annotations
 
-ID_COLUMN = "id"
-TEXT_COLUMNS = ("prompt", "response_a", "response_b")
-LABEL_COLUMNS = ("winner_model_a", "winner_model_b", "winner_tie")
-PROB_COLUMNS = ("p_a", "p_b", "p_tie")
-MODEL_COLUMNS = ("model_a", "model_b")
-SOURCE_COLUMN = "source"
-GROUP_COLUMN = "group"
-FOLD_COLUMN = "fold"
-
-# Short class names, in label-index order (0 = A wins, 1 = B wins, 2 = tie).
-CLASS_NAMES = ("a", "b", "tie")
-
-# Contract 1 column order (extra columns follow these).
-PROCESSED_COLUMNS = (
-    ID_COLUMN,
-    *TEXT_COLUMNS,
-    *LABEL_COLUMNS,
-    *MODEL_COLUMNS,
-    SOURCE_COLUMN,
-    GROUP_COLUMN,
+from gpu_jobs.contract.schema import (  # noqa: F401  (the column names live in the contract)
+    CLASS_NAMES,
     FOLD_COLUMN,
+    GROUP_COLUMN,
+    ID_COLUMN,
+    LABEL_COLUMNS,
+    MODEL_COLUMNS,
+    PROB_COLUMNS,
+    PROCESSED_COLUMNS,
+    SOURCE_COLUMN,
+    TEXT_COLUMNS,
 )
 
 

@@ -1,4 +1,4 @@
-"""Where each asset's files live under the state folder, and atomic writes.
+"""Where each asset's files live under the state folder, and atomic writes (``gpu_jobs.contract.atomic``).
 
 Assets write their own files (parquet, model folders, JSON) and return metadata; downstream assets find
 them through this resource by name, so a person can open every intermediate result from a shell.
@@ -7,41 +7,18 @@ them through this resource by name, so a person can open every intermediate resu
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 from pathlib import Path
 
 import dagster as dg
-import pandas as pd
 
-
-def atomic_write_parquet(frame: pd.DataFrame, path: Path) -> Path:
-    """Write aside, then rename: a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+from gpu_jobs.contract.atomic import atomic_write_json as _atomic_write_json
+from gpu_jobs.contract.atomic import atomic_write_parquet  # noqa: F401  (assets import it from here)
 
 
 def atomic_write_json(obj, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-    return path
-
-
-def replace_dir(src: Path, dst: Path) -> Path:
-    """Move a finished folder into place, replacing an older one (old removed only after the new exists)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
-    return dst
+    """The contract's atomic JSON write with the state folder's layout: indented, sorted keys, str fallback."""
+    return _atomic_write_json(obj, path, indent=2, sort_keys=True, default=str)
 
 
 class OverwriteError(ValueError):

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from arena_pipeline_tests.gpu_jobs.test_pipes import pipes_env, read_messages
+from arena_pipeline_tests.gpu_jobs.contract.test_pipes import pipes_env, read_messages
 from arena_pipeline_tests.gpu_jobs.test_predict import make_model_dir
 from gpu_jobs.predict import predict_frame
 

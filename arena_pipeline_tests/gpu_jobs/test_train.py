@@ -154,3 +154,48 @@ def test_features_family_is_fitted_by_the_main_process_without_a_loop(tmp_path):
     oof = pd.read_parquet(out / "oof.parquet")
     probs, _ = predict_frame(out / "model", frame[frame.fold == 2].reset_index(drop=True))
     np.testing.assert_allclose(oof[["p_a", "p_b", "p_tie"]].to_numpy(), probs, atol=1e-9)
+
+
+def test_soft_cross_entropy_is_the_hand_written_weighted_mean_exactly():
+    """F.cross_entropy with probability targets gives the same numbers (and gradients) as the formula it
+    replaced, -(targets * log_softmax(logits)).sum(-1) weighted by per-row weights."""
+    import torch
+
+    from gpu_jobs.train import soft_cross_entropy
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(33, 3) * 4).to(dtype).requires_grad_()
+        targets = torch.distributions.Dirichlet(torch.ones(3)).sample((33,))
+        targets[:16] = torch.eye(3)[torch.randint(0, 3, (16,))]  # one-hot human labels next to soft ones
+        weight = torch.rand(33)
+        loss = soft_cross_entropy(logits, targets, weight)
+        (grad,) = torch.autograd.grad(loss, logits)
+        per_row = -(targets * torch.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
+        expected = (per_row * weight).sum() / weight.sum().clamp_min(1e-12)
+        (expected_grad,) = torch.autograd.grad(expected, logits)
+        assert torch.equal(loss, expected) and torch.equal(grad, expected_grad)
+    uniform = soft_cross_entropy(torch.zeros(2, 3), torch.tensor([[1.0, 0, 0], [0.2, 0.3, 0.5]]), torch.ones(2))
+    assert uniform.item() == pytest.approx(np.log(3), abs=1e-6)
+
+
+def test_log_losses_match_the_clip_after_normalising_formula():
+    """The validation metrics (now gpu_jobs.contract.metrics: clip, then renormalise) agree to 1e-12 with
+    the formula train.py used before (normalise, then clip), extreme softmax outputs included (predict_ids
+    hands over float64 arrays)."""
+    from gpu_jobs.train import log_losses
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(200, 3)) * np.array([[1.0], [40.0]]).repeat(100, axis=0)  # half saturated
+    probs = np.exp(logits - logits.max(1, keepdims=True)).astype(np.float32)
+    probs = (probs / probs.sum(1, keepdims=True)).astype(np.float64)  # float32 softmax, stored as float64
+    assert (probs < 1e-15).any()  # clipping binds on some rows
+    y = rng.integers(0, 3, 200)
+    p = np.clip(probs / probs.sum(axis=1, keepdims=True), 1e-15, 1.0)
+    nll = -np.log(p[np.arange(len(y)), y])
+    got = log_losses(probs, y)
+    assert got["log_loss"] == pytest.approx(float(nll.mean()), abs=1e-12)
+    assert got["accuracy"] == float((p.argmax(1) == y).mean())
+    for c, name in enumerate(["a", "b", "tie"]):
+        assert got[f"loss_{name}"] == pytest.approx(float(nll[y == c].mean()), abs=1e-12)
+    assert log_losses(probs[y != 2], y[y != 2])["loss_tie"] is None

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gpu_jobs.contract.atomic import atomic_path
+
 
 def _key(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
@@ -72,10 +74,8 @@ class SentenceEmbedder:
             return
         self.disk_dir.mkdir(parents=True, exist_ok=True)
         final = self.disk_dir / f"{uuid.uuid4().hex}.npz"
-        partial = self.disk_dir / f"{final.name}.partial"  # not matched by *.npz until renamed
-        with open(partial, "wb") as handle:
+        with atomic_path(final) as partial, open(partial, "wb") as handle:  # not matched by *.npz until renamed
             np.savez(handle, keys=np.asarray(keys), vectors=np.stack([self._cache[k] for k in keys]))
-        os.replace(partial, final)
 
     def _load(self) -> None:
         if self._model is not None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -42,9 +41,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from gpu_jobs.contract.atomic import atomic_path, atomic_write_text
+from gpu_jobs.contract.schema import TEXT_COLUMNS
+from gpu_jobs.contract.swap import SWAP_PERMUTATION, swap_frame  # noqa: F401  (re-exported for callers)
+from gpu_jobs.contract.turns import TurnsError, parse_turns_fixes
+
 FAMILY = "features"
-SWAP_PERMUTATION = [1, 0, 2]
-TEXT_COLUMNS = ("prompt", "response_a", "response_b")
 MODEL_FILE = "features_model.skops"
 # types skops does not trust by default that a features model legitimately holds
 TRUSTED_TYPES = ("sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",)
@@ -215,25 +217,11 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 
 def _turns(cell: Any, column: str, row_id: Any) -> list[str]:
-    if isinstance(cell, (list, tuple, np.ndarray)):
-        items = list(cell)
-    else:
-        if not isinstance(cell, str):
-            raise ValueError(
-                f"row id={row_id!r}, column '{column}': expected json.dumps(list[str]), got {type(cell).__name__}; "
-                "run the frame through the cleaning step (data contract 1)"
-            )
-        try:
-            items = json.loads(cell)
-        except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"row id={row_id!r}, column '{column}': not valid JSON ({exc.msg}); expected json.dumps(list[str])"
-            ) from None
-        if isinstance(items, str):
-            items = [items]
-        if not isinstance(items, list):
-            raise ValueError(f"row id={row_id!r}, column '{column}': JSON is not a list of turns")
-    return ["" if t is None else str(t) for t in items]
+    """The turns of a contract-1 cell (strict: a cell that is not a JSON list of turns is an error)."""
+    try:
+        return parse_turns_fixes(cell, strict=True)[0]
+    except TurnsError as err:
+        raise ValueError(f"row id={row_id!r}, column '{column}': {err}") from None
 
 
 def parse_frame(frame: pd.DataFrame) -> dict[str, list[list[str]]]:
@@ -245,13 +233,6 @@ def parse_frame(frame: pd.DataFrame) -> dict[str, list[list[str]]]:
     return {
         col: [_turns(cell, col, rid) for cell, rid in zip(frame[col].tolist(), ids)] for col in TEXT_COLUMNS
     }
-
-
-def swap_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """The same rows with A and B exchanged (texts only; label columns are not touched)."""
-    out = frame.copy()
-    out["response_a"], out["response_b"] = frame["response_b"].to_numpy(), frame["response_a"].to_numpy()
-    return out
 
 
 # ------------------------------------------------------------------------------- hand-made features
@@ -821,12 +802,9 @@ class FeaturesModel:
             "sym_scale": self.sym_scale, "svd": self.svd, "estimator": self.estimator, "n_anti": self.n_anti,
             "feature_names": self.feature_names, "fit_info": self.fit_info,
         }
-        tmp = model_dir / (MODEL_FILE + ".partial")
-        sio.dump(state, tmp)
-        tmp.replace(model_dir / MODEL_FILE)
-        tmp = model_dir / "config.yaml.partial"
-        tmp.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        tmp.replace(model_dir / "config.yaml")
+        with atomic_path(model_dir / MODEL_FILE) as tmp:
+            sio.dump(state, tmp)
+        atomic_write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), model_dir / "config.yaml")
 
     @classmethod
     def load(cls, model_dir: Path) -> "FeaturesModel":

@@ -18,6 +18,8 @@ import os
 import shutil
 from pathlib import Path
 
+from gpu_jobs.contract.atomic import publish_dir
+
 PYPI_PREFIX = "pypi:"
 
 
@@ -61,17 +63,12 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
 
 
 def publish_folder(target: Path, write) -> Path:
-    """``write(folder)`` into a folder beside ``target``, then rename it to ``target`` (atomic; when another
-    process published ``target`` first, its copy stays and this one is removed)."""
+    """``write(folder)`` into a folder beside ``target``, then publish it there (gpu_jobs.contract's
+    publish_dir, first one wins: when another process published ``target`` first, its copy stays)."""
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     write(partial)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(partial, target)
-    except OSError:  # another process published it first
-        shutil.rmtree(partial, ignore_errors=True)
-    return target
+    return publish_dir(partial, target, replace=False)
 
 
 def resolve_model(name: str) -> str:

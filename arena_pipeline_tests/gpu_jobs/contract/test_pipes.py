@@ -1,4 +1,4 @@
-"""gpu_jobs.pipes: real Dagster Pipes on the main process when launched by Dagster, a no-op otherwise."""
+"""gpu_jobs.contract.pipes: real Dagster Pipes on the main process when launched by Dagster, a no-op otherwise."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from dagster_pipes import encode_env_var
 
-from gpu_jobs import pipes as P
+from gpu_jobs.contract import pipes as P
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +92,7 @@ def test_errors_are_logged_through_pipes_and_reraised(tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     from gpu_jobs.train import main
 
-    configs = Path(__file__).resolve().parents[2] / "gpu_jobs" / "configs"
+    configs = Path(__file__).resolve().parents[3] / "gpu_jobs" / "configs"
     with pytest.raises(FileNotFoundError):
         main(["--config", str(configs / "cross_encoder_minilm.yaml"), "--fold", "0",
               "--data", str(tmp_path / "missing.parquet"), "--output-dir", str(tmp_path / "out")])
@@ -100,3 +100,38 @@ def test_errors_are_logged_through_pipes_and_reraised(tmp_path, monkeypatch):
     assert any("gpu_jobs.train failed" in line and "missing.parquet" in line for line in logged)
     closed = [m for m in read_messages(messages) if m["method"] == "closed"]
     assert closed and closed[0]["params"]["exception"] is not None
+
+
+def test_quiet_stand_in_drops_info_but_shows_warnings():
+    """Other ranks and gpu_jobs.generate (which prints its own log) get a stand-in that does not echo info."""
+    code = ("from gpu_jobs.contract.pipes import NoOpPipes\n"
+            "NoOpPipes(quiet=True).log.info('quiet info')\n"
+            "NoOpPipes(quiet=True).log.warning('quiet warning')\n"
+            "NoOpPipes().log.info('loud info')\n")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[3], capture_output=True,
+                         text=True, check=True)
+    assert "quiet info" not in out.stderr and "quiet warning" in out.stderr and "loud info" in out.stderr
+
+
+def test_without_dagster_pipes_installed_the_stand_in_is_used_with_a_warning(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    env, messages = pipes_env(tmp_path)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    real_import = builtins.__import__
+
+    def no_dagster_pipes(name, *args, **kwargs):
+        if name == "dagster_pipes":
+            raise ImportError("No module named 'dagster_pipes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_dagster_pipes)
+    with P.open_pipes(quiet=True) as pipes:
+        assert isinstance(pipes, P.NoOpPipes)
+        pipes.report_asset_materialization(metadata={"n_prompts": 3})
+    assert "dagster-pipes is not installed" in capsys.readouterr().err
+    assert not messages.exists()

@@ -7,7 +7,8 @@
 When ``DAGSTER_PIPES_CONTEXT`` is set and this process is the main one, this is the real
 ``dagster_pipes.open_dagster_pipes()`` context. Otherwise (run by hand, or a rank > 0 of a multi-process
 launch, which inherits the same Pipes environment) it is a no-op stand-in with the same methods that logs
-to stderr, so two ranks never both report to Dagster.
+to stderr, so two ranks never both report to Dagster. A job run in an environment without ``dagster-pipes``
+(the vLLM venv) gets the stand-in too, with a warning, when ``DAGSTER_PIPES_CONTEXT`` is set.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 from typing import Any, Iterator, Mapping
 
 PIPES_ENV = "DAGSTER_PIPES_CONTEXT"
@@ -33,7 +35,9 @@ class NoOpPipes:
     """Stand-in for ``dagster_pipes.PipesContext``: same reporting methods; logs, reports nothing."""
 
     def __init__(self, quiet: bool = False):
-        self.log = _logger if not quiet else logging.getLogger("gpu_jobs.quiet")
+        # quiet: a logger outside the "gpu_jobs" tree (whose handler would echo it), with no handler of its
+        # own: info is dropped, warnings and errors still reach stderr through logging's last resort
+        self.log = _logger if not quiet else logging.getLogger("gpu_jobs_quiet")
         self.materializations: list[dict[str, Any]] = []  # kept for tests and for reading by hand
         self.extras: dict[str, Any] = {}
 
@@ -60,15 +64,22 @@ def is_main_process() -> bool:
 
 
 @contextlib.contextmanager
-def open_pipes() -> Iterator[Any]:
-    """The Dagster Pipes context on the main process of a Dagster-launched job; a no-op stand-in otherwise."""
-    if os.environ.get(PIPES_ENV) and is_main_process():
-        from dagster_pipes import open_dagster_pipes
+def open_pipes(quiet: bool = False) -> Iterator[Any]:
+    """The Dagster Pipes context on the main process of a Dagster-launched job; a no-op stand-in otherwise.
 
+    ``quiet=True``: the stand-in does not echo ``log`` calls to stderr (for a job that prints its own log)."""
+    if os.environ.get(PIPES_ENV) and is_main_process():
+        try:
+            from dagster_pipes import open_dagster_pipes
+        except ImportError:
+            print(f"warning: {PIPES_ENV} is set but dagster-pipes is not installed in this environment; "
+                  "nothing is reported to Dagster", file=sys.stderr)
+            yield NoOpPipes(quiet=quiet)
+            return
         with open_dagster_pipes() as pipes:
             yield pipes
     else:
-        yield NoOpPipes(quiet=not is_main_process())
+        yield NoOpPipes(quiet=quiet or not is_main_process())
 
 
 def clean_metadata(metrics: Mapping[str, Any]) -> dict[str, Any]:
