@@ -120,8 +120,9 @@ def test_mlflow_runs_live_with_their_jobs(smoke_run):
 
     client = MlflowTracking(tracking_uri=f"sqlite:///{smoke_run['home'] / 'mlflow' / 'mlflow.db'}").client()
     exp = client.get_experiment_by_name("arena-pipeline")
-    (run,) = client.search_runs([exp.experiment_id], "tags.kind = 'job' and tags.stage = 'stage1' and "
-                                                     "tags.model = 'cross_encoder_minilm'")
+    this_run = f"tags.dagster_run_id = '{smoke_run['result'].run_id}'"  # other tests add runs to this store
+    (run,) = client.search_runs([exp.experiment_id], f"{this_run} and tags.kind = 'job' and tags.stage = 'stage1' "
+                                                     "and tags.model = 'cross_encoder_minilm'")
     steps = client.get_metric_history(run.info.run_id, "train_loss")
     assert len(steps) == int(run.data.params["n_steps"]) > 0 and [m.step for m in steps] == sorted({m.step for m in steps})
     assert (run.info.end_time - run.info.start_time) / 1000 >= run.data.metrics["wall_s"]  # the job's duration
@@ -130,7 +131,7 @@ def test_mlflow_runs_live_with_their_jobs(smoke_run):
     kinds = {r.data.tags.get("kind") for r in client.search_runs([exp.experiment_id], "")}
     assert {"job", "prediction", "generation", "ensemble", "pipeline"} <= kinds
     assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
-    (parent,) = client.search_runs([exp.experiment_id], "tags.kind = 'pipeline'")
+    (parent,) = client.search_runs([exp.experiment_id], f"{this_run} and tags.kind = 'pipeline'")
     assert parent.info.run_name.startswith("full_pipeline_job[0...0] ") and parent.info.status == "FINISHED"
 
 
