@@ -128,6 +128,9 @@ def test_mlflow_runs_live_with_their_jobs(smoke_run):
     assert (run.info.end_time - run.info.start_time) / 1000 >= run.data.metrics["wall_s"]  # the job's duration
     for key in ("fold", "n_steps", "num_processes", "resumed_from_step"):
         assert key in run.data.params and key not in run.data.metrics
+    from gpu_jobs.precision import resolve
+
+    assert run.data.params["resolved.precision"] == resolve("auto", "cpu").name  # what the hardware gave
     kinds = {r.data.tags.get("kind") for r in client.search_runs([exp.experiment_id], "")}
     assert {"job", "prediction", "generation", "ensemble", "pipeline"} <= kinds
     assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
