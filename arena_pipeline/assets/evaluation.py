@@ -138,7 +138,7 @@ def build_evaluation_asset(profile: Profile) -> dg.AssetsDefinition:
             for model_spec in profile.models:
                 out = storage.root / "loso" / source / model_spec.name
                 launcher.run(context, "gpu_jobs.train", job_args(model_spec, HELD_OUT_FOLD, data, out, ["tta=true"]),
-                             extras={"loso_source": source, "model": model_spec.name})
+                             extras={"loso_source": source, "model": model_spec.name}, **model_spec.launch_options)
                 plain = pd.read_parquet(out / "oof.parquet").set_index("id").loc[held["id"], PROBS].to_numpy()
                 swapped = pd.read_parquet(out / "oof_tta.parquet").set_index("id").loc[held["id"], PROBS].to_numpy()
                 members[f"stage1/{model_spec.name}"] = plain

@@ -116,7 +116,7 @@ def build_oof_asset(stage: str, spec: ModelSpec, profile: Profile) -> dg.AssetsD
                                 tags={"data_version": data_version}) as run:
                 result = launcher.run(context, "gpu_jobs.train", job_args(spec, fold, data, out),
                                       extras={"stage": stage, "model": spec.name, "fold": fold},
-                                      on_message=run.on_message)
+                                      on_message=run.on_message, **spec.launch_options)
                 metrics = json.loads((out / "metrics.json").read_text())
                 atomic_write_json({"stage": stage, "model": spec.name, "fold": fold, "data": str(data),
                                    "data_version": data_version, "dagster_run_id": context.run_id,

@@ -95,7 +95,8 @@ def build_pseudo_label_asset(profile: Profile) -> dg.AssetsDefinition:
                 with mlflow.job_run(context, stage="pseudo", model=model, fold=fold, kind="prediction",
                                     params={"tta": want_tta, "pool_rows": len(pool_k)}) as run:
                     result = launcher.run(context, "gpu_jobs.predict", args + (["--tta"] if want_tta else []),
-                                          extras={"model": model, "fold": fold}, on_message=run.on_message)
+                                          extras={"model": model, "fold": fold}, on_message=run.on_message,
+                                          **profile.model(model).launch_options)
                     run.log_result({**result.metadata, "wall_s_with_launch": result.wall_s})
                 teachers.append({"model": model, "job_dir": str(job_dir)})
                 for m in members:

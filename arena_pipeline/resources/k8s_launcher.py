@@ -375,9 +375,16 @@ class K8sJobLauncher(dg.ConfigurableResource):
         environment: str = "default",
         extras: dict | None = None,
         on_message=None,
+        accelerate_config: str | None = None,
     ) -> JobResult:
         """Run one job as pod(s). ``on_message`` gets the job's Pipes custom messages (per-step metrics) once the
-        pod has finished (not live, unlike the local launcher)."""
+        pod has finished (not live, unlike the local launcher). ``accelerate_config``: a member's own config
+        (a file name under gpu_jobs/accelerate_configs in the image), else the one chosen for the pod."""
+        if accelerate_config and accelerate_config != self.accelerate_config:
+            path = accelerate_config if "/" in accelerate_config else f"{ACCELERATE_CONFIGS}/{accelerate_config}"
+            return self.model_copy(update={"accelerate_config": path}).run(
+                context, module, args, accelerate=accelerate, environment=environment, extras=extras,
+                on_message=on_message)
         import kubernetes
         from dagster_k8s.client import DagsterK8sError, DagsterKubernetesClient
         from dagster_k8s.pipes import build_pod_body

@@ -119,10 +119,19 @@ class JobLauncher(dg.ConfigurableResource):
             raise dg.Failure(f"launcher has no environment '{environment}' (configured: {sorted(self.environments)})")
         return self.environments[environment]
 
-    def command(self, module: str, args: list[str], *, accelerate: bool, environment: str = "default") -> list[str]:
+    def config_file(self, accelerate_config: str | None = None) -> str:
+        """The accelerate config a job uses: a member's own (a file name under gpu_jobs/accelerate_configs, or a
+        path), else the launcher's."""
+        if not accelerate_config:
+            return self.accelerate_config
+        path = Path(accelerate_config)
+        return str(path if path.is_absolute() or path.parent != Path(".") else ACCELERATE_DIR / path)
+
+    def command(self, module: str, args: list[str], *, accelerate: bool, environment: str = "default",
+                accelerate_config: str | None = None) -> list[str]:
         python = self.python_for(environment)
         if accelerate:
-            return [python, "-m", "accelerate.commands.launch", "--config_file", self.accelerate_config,
+            return [python, "-m", "accelerate.commands.launch", "--config_file", self.config_file(accelerate_config),
                     "-m", module, *args]
         return [python, "-m", module, *args]
 
@@ -136,23 +145,33 @@ class JobLauncher(dg.ConfigurableResource):
         environment: str = "default",
         extras: dict | None = None,
         on_message: Callable[[Any], None] | None = None,
+        accelerate_config: str | None = None,
     ) -> JobResult:
         """Run one job program; ``on_message`` gets each Pipes custom message (e.g. a training step's metrics)
-        within about a second of the job sending it."""
+        within about a second of the job sending it; ``accelerate_config``: a member's own config (ModelSpec)."""
         slot = local_pool_slot(context, self.lock_poll_s) if self.machine_pool_lock else contextlib.nullcontext()
         with slot:
             return self._run(context, module, args, accelerate=accelerate, environment=environment, extras=extras,
-                             on_message=on_message)
+                             on_message=on_message, accelerate_config=accelerate_config)
 
     def _run(self, context, module: str, args: list[str], *, accelerate: bool, environment: str,
-             extras: dict | None, on_message: Callable[[Any], None] | None) -> JobResult:
-        cmd = self.command(module, [str(a) for a in args], accelerate=accelerate, environment=environment)
+             extras: dict | None, on_message: Callable[[Any], None] | None,
+             accelerate_config: str | None = None) -> JobResult:
+        cmd = self.command(module, [str(a) for a in args], accelerate=accelerate, environment=environment,
+                           accelerate_config=accelerate_config)
+        several = bool(accelerate and accelerate_config and multi_process(self.config_file(accelerate_config)))
+        if several:
+            # several processes on this machine: a free rendezvous port (two such jobs may run at once) and one
+            # OpenMP thread per process (DESIGN §5: oversubscribed OpenMP threads wait at every barrier)
+            at = cmd.index("-m", 3)  # before `-m <module>`
+            cmd[at:at] = ["--main_process_port", str(free_port())]
         context.log.info("launching: " + " ".join(cmd))
         env = {
             **os.environ,
             "PYTHONUNBUFFERED": "1",
             "TQDM_MININTERVAL": "5",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])),
+            **({"OMP_NUM_THREADS": "1"} if several else {}),
             **self.extra_env,
         }
         start = time.time()
@@ -413,6 +432,25 @@ def local_pool_slot(context, poll_s: float = 0.5):
             context.log.info(f"all {limit} `{pool}` slot(s) on this machine are held by other jobs ({folder}); "
                              "waiting for one")
         time.sleep(poll_s)
+
+
+def multi_process(config_file: str) -> bool:
+    """Whether an accelerate config starts several processes on this machine."""
+    import yaml
+
+    try:
+        settings = yaml.safe_load(Path(config_file).read_text()) or {}
+    except OSError:
+        return False
+    return int(settings.get("num_processes", 1) or 1) > 1 and int(settings.get("num_machines", 1) or 1) == 1
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def default_environments() -> dict[str, str]:
