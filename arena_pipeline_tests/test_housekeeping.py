@@ -8,7 +8,6 @@ import sys
 import time
 
 import dagster as dg
-import pytest
 
 from arena_pipeline.housekeeping import end_orphans, sync_mlflow_runs
 from arena_pipeline.resources.launcher import end_orphaned_jobs, jobs_dir
@@ -76,16 +75,14 @@ def test_orphan_fails_its_run_and_mlflow_runs_follow_the_dagster_run(tmp_path):
         assert sync_mlflow_runs(instance, tracking) == []  # once only
 
         # a run still STARTED whose worker is gone: its job is killed and the run marked failed
-        from dagster._core.storage.dagster_run import DagsterRunStatus
-
-        run = instance.create_run_for_job(dg.GraphDefinition("g").to_job(), status=DagsterRunStatus.STARTED)
-        assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.STARTED
+        run = instance.create_run_for_job(dg.GraphDefinition("g").to_job(), status=dg.DagsterRunStatus.STARTED)
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED
         job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
         try:
             _register(instance.root_directory, job.pid, run.run_id, owner=_dead_pid())
             assert [e["run_id"] for e in end_orphans(instance)] == [run.run_id]
             assert job.wait(timeout=10) == -signal.SIGKILL
-            assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.FAILURE
+            assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
         finally:
             if job.poll() is None:
                 job.kill()

@@ -37,8 +37,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import dagster as dg
-from dagster._core.errors import DagsterExecutionInterruptedError
-from dagster._core.pipes.utils import PipesTempFileContextInjector, PipesTempFileMessageReader, open_pipes_session
 
 from arena_pipeline.config import ACCELERATE_DIR, REPO_ROOT
 
@@ -175,10 +173,10 @@ class JobLauncher(dg.ConfigurableResource):
             **self.extra_env,
         }
         start = time.time()
-        with open_pipes_session(
+        with dg.open_pipes_session(
             context=context,
-            context_injector=PipesTempFileContextInjector(),
-            message_reader=PipesTempFileMessageReader(),
+            context_injector=dg.PipesTempFileContextInjector(),
+            message_reader=dg.PipesTempFileMessageReader(),
             extras=extras or {},
         ) as session:
             process = subprocess.Popen(
@@ -204,7 +202,7 @@ class JobLauncher(dg.ConfigurableResource):
                 registration = register_job(context, process.pid, cmd)
                 code = process.wait()
                 self.kill_leftovers(process, context)
-            except (DagsterExecutionInterruptedError, KeyboardInterrupt):
+            except (dg.DagsterExecutionInterruptedError, KeyboardInterrupt):
                 context.log.warning(f"run cancelled: ending process group {process.pid}")
                 self.terminate(process)
                 raise

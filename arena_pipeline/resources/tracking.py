@@ -17,7 +17,6 @@ from typing import Any, Iterator
 from urllib.parse import quote
 
 import dagster as dg
-from dagster._core.errors import DagsterExecutionInterruptedError
 
 from arena_pipeline.config import REPO_ROOT, dagster_home
 
@@ -129,7 +128,7 @@ class MlflowTracking(dg.ConfigurableResource):
         try:
             yield run
             status = "FINISHED"
-        except (DagsterExecutionInterruptedError, KeyboardInterrupt):
+        except (dg.DagsterExecutionInterruptedError, KeyboardInterrupt):
             status = "KILLED"
             raise
         finally:

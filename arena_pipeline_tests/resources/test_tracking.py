@@ -115,14 +115,13 @@ def test_job_run_is_live_while_the_job_runs_and_ends_with_it(tmp_path):
 
 @pytest.mark.parametrize("error,status", [("fail", "FAILED"), ("cancel", "KILLED")])
 def test_job_run_ends_failed_or_killed(tmp_path, error, status):
-    from dagster._core.errors import DagsterExecutionInterruptedError
 
     tracking = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
 
     @dg.asset
     def oof(context: dg.AssetExecutionContext, mlflow: MlflowTracking) -> None:
         with mlflow.job_run(context, stage="stage1", model="fake", fold=0):
-            raise DagsterExecutionInterruptedError() if error == "cancel" else dg.Failure("job exited with code 1")
+            raise dg.DagsterExecutionInterruptedError() if error == "cancel" else dg.Failure("job exited with code 1")
 
     result = dg.materialize([oof], resources={"mlflow": tracking}, raise_on_error=False)
     assert not result.success
