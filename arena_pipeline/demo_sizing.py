@@ -59,18 +59,11 @@ def _rows(path: str) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
 
-def _override(spec: ModelSpec, key: str):
-    import yaml
+def _job_config(spec: ModelSpec):
+    """The member's job config with the profile's overrides applied: the job programs' own loader."""
+    from gpu_jobs.config import load_config
 
-    with open(spec.config_path) as fh:
-        value = yaml.safe_load(fh)
-    for part in key.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    for item in spec.overrides:
-        k, _, v = item.partition("=")
-        if k.strip() == key:
-            value = yaml.safe_load(v)
-    return value
+    return load_config(spec.config_path, list(spec.overrides))
 
 
 def run_probe(spec: ModelSpec, data: str, rows: int = 4) -> Probe:
@@ -99,8 +92,9 @@ def member_costs(profile: Profile, probes: dict[str, Probe]) -> list[MemberCost]
     for spec in profile.models:
         if spec.name not in probes:
             continue
-        cap = _override(spec, "training.max_train_rows") or math.inf
-        views = 2 if _override(spec, "tta") else 1
+        cfg = _job_config(spec)
+        cap = cfg.training.max_train_rows or math.inf
+        views = 2 if cfg.tta else 1
         rows = int(min(cap, train))
         predict = (val + pool) * views + (val * views if spec.stage2 else 0)  # OOF, pseudo-label pool, stage 2
         costs.append(MemberCost(spec, probes[spec.name], rows, int(predict), 2 if spec.stage2 else 1))
@@ -153,7 +147,7 @@ def plan(profile: Profile, costs: list[MemberCost], budget_s: float, spent_s: fl
 
 def fit_to_budget(profile: Profile, budget_s: float, log=print) -> Profile:
     """Probe every neural member of ``profile`` and return it sized to ``budget_s`` (printing the plan)."""
-    neural = [s for s in profile.models if _override(s, "family") != "features"]
+    neural = [s for s in profile.models if _job_config(s).family != "features"]
     log(f"sizing '{profile.name}' to {budget_s / 60:.0f} minutes: probing {len(neural)} neural member(s) ...")
     t0 = time.perf_counter()
     probes = {s.name: run_probe(s, profile.data.labelled[0]) for s in neural}
