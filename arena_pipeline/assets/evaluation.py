@@ -5,18 +5,21 @@ member is retrained by the same `gpu_jobs.train` job on all other rows (rows sha
 removed) and predicts S; the members are blended with the stage-1 ensemble's weights and temperature,
 which were fitted on other data. Reported per source: log loss, 3-way accuracy, per-class loss, swap
 consistency (same verdict after swapping A and B), a reliability diagram, an ablation table
-(each member, its TTA, uniform blend, fitted blend, + temperature, + a tie prior fitted out of sample), and
+(each member, its TTA, uniform blend, fitted blend, + temperature, + a tie prior fitted out of sample, and the
+calibration maps of `arena_pipeline.calibration`: a Davidson tie model fitted on stage-1 OOF, the tie prior
+re-estimated by EM on the held-out file itself — the unlabelled file the bundle would meet — and shrinkage
+toward the prior with its weight chosen on the *other* sources), and
 the bundle and each member per subset of the source (its `subset` column, e.g. LLMBar's natural human
 preference sets vs its adversarial instruction-following sets), which can tell very different stories.
 """
 
 import json
-from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 
+from arena_pipeline import calibration as cal
 from arena_pipeline import ensemble as ens
 from arena_pipeline import plots
 from arena_pipeline.assets.oof import job_args
@@ -60,20 +63,46 @@ def swapped_members(members: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def _row(name: str, y: np.ndarray, p: np.ndarray) -> dict:
+    return {"variant": name, "log_loss": ens.log_loss3(y, p), "accuracy": ens.accuracy(y, p),
+            "tie_predicted_mean": float(p[:, 2].mean())}
+
+
 def ablation_rows(y: np.ndarray, members: dict[str, np.ndarray], weights: dict[str, float], temperature: float,
                   tie_bias: float) -> list[dict]:
-    def row(name, p):
-        return {"variant": name, "log_loss": ens.log_loss3(y, p), "accuracy": ens.accuracy(y, p)}
-
-    rows = [row(f"member {name}", p) for name, p in members.items()]
-    rows.append(row("uniform blend", ens.blend(members, {n: 1.0 for n in members})))
+    rows = [_row(f"member {name}", y, p) for name, p in members.items()]
+    rows.append(_row("uniform blend", y, ens.blend(members, {n: 1.0 for n in members})))
     used = {n: w for n, w in weights.items() if n in members}
     fitted = ens.blend(members, used)
-    rows.append(row("fitted blend (stage-1 weights)", fitted))
+    rows.append(_row("fitted blend (stage-1 weights)", y, fitted))
     tempered = ens.apply_temperature(fitted, temperature)
-    rows.append(row("+ temperature", tempered))
-    rows.append(row("+ tie prior (fitted on stage-1 OOF)", ens.apply_tie_bias(tempered, tie_bias)))
+    rows.append(_row("+ temperature", y, tempered))
+    rows.append(_row("+ tie prior (fitted on stage-1 OOF)", y, ens.apply_tie_bias(tempered, tie_bias)))
     return rows
+
+
+def calibration_rows(y: np.ndarray, bundle: np.ndarray, tie_model: cal.DavidsonTieModel, train_tie: float,
+                     shrink_weight: float) -> tuple[list[dict], dict]:
+    """The bundle (tempered blend) under each calibration map; EM sees only the held-out probabilities."""
+    adapted, em = cal.em_tie_prior(bundle, train_tie)
+    shrunk = cal.shrink(bundle, shrink_weight, train_tie)
+    both = cal.shrink(adapted, shrink_weight, em["tie_prior_estimated"])
+    rows = [_row("+ Davidson tie model (fitted on stage-1 OOF)", y, tie_model.apply(bundle)),
+            _row("+ tie prior re-estimated by EM on this file", y, adapted),
+            _row("+ shrinkage toward the prior (weight chosen on the other sources)", y, shrunk),
+            _row("+ EM tie prior + that shrinkage", y, both)]
+    return rows, em
+
+
+def tie_table(results: dict[str, dict]) -> str:
+    """Per source: true tie rate, the bundle's mean tie, EM's estimate, the shrinkage weight chosen elsewhere."""
+    lines = ["| source | tie rate (true) | bundle mean tie | EM tie prior (from training's) | shrinkage weight |",
+             "|---|---|---|---|---|"]
+    for source, r in results.items():
+        em = r["tie_prior_em"]
+        lines.append(f"| {source} | {r['tie_rate_true']:.3f} | {r['tie_rate_predicted_mean']:.3f} | "
+                     f"{em['tie_prior_estimated']:.3f} (from {em['tie_prior_train']:.3f}) | {r['shrinkage']['weight']:.2f} |")
+    return "\n".join(lines)
 
 
 def subset_rows(held: pd.DataFrame, y: np.ndarray, predictions: dict[str, np.ndarray]) -> list[dict]:
@@ -125,10 +154,12 @@ def build_evaluation_asset(profile: Profile) -> dg.AssetsDefinition:
         processed = pd.read_parquet(storage.data("processed_folds"))
         spec = json.loads(storage.ensemble("stage1_ensemble").read_text())
         stage1_oof = pd.read_parquet(storage.ensemble("stage1_ensemble").with_suffix(".oof.parquet"))
-        y_stage1 = label_index(processed.set_index("id").loc[stage1_oof["id"]].reset_index())
-        tie_bias = ens.fit_tie_bias(stage1_oof[PROBS].to_numpy(), y_stage1)  # fitted out of sample (other data)
-        results: dict[str, dict] = {}
-        metadata: dict = {}
+        stage1_y = label_index(processed.set_index("id").loc[stage1_oof["id"]].reset_index())
+        stage1_p = stage1_oof[PROBS].to_numpy()  # the stage-1 ensemble's (tempered) OOF blend
+        tie_bias = ens.fit_tie_bias(stage1_p, stage1_y)  # fitted out of sample (other data)
+        tie_model = cal.DavidsonTieModel.fit(stage1_p, stage1_y)
+        train_tie = float(stage1_p[:, 2].mean())  # the tie rate the bundle's probabilities assume
+        held_out: dict[str, dict] = {}
         for source in config.sources:
             frame = loso_split(processed, source)
             data = atomic_write_parquet(frame, storage.scratch("loso") / f"{source}.parquet")
@@ -144,10 +175,22 @@ def build_evaluation_asset(profile: Profile) -> dg.AssetsDefinition:
                 members[f"stage1/{model_spec.name}"] = plain
                 members[f"stage1/{model_spec.name}+tta"] = swapped
                 consistency[model_spec.name] = swap_consistency(plain, swapped)
-            y = label_index(held)
             prior = np.bincount(label_index(frame[frame["fold"] == -1]), minlength=3) / int((frame["fold"] == -1).sum())
-            weights = {n: w for n, w in spec["weights"].items() if n in members}
-            final = ens.apply_temperature(ens.blend(members, weights), spec["temperature"])
+            held_out[source] = {"held": held, "y": label_index(held), "members": members, "consistency": consistency,
+                                "prior": prior}
+        weights_all = spec["weights"]
+        for source, h in held_out.items():
+            weights = {n: w for n, w in weights_all.items() if n in h["members"]}
+            h["weights"] = weights
+            h["final"] = ens.apply_temperature(ens.blend(h["members"], weights), spec["temperature"])
+        results: dict[str, dict] = {}
+        metadata: dict = {}
+        for source, h in held_out.items():
+            y, held, members, final, weights = h["y"], h["held"], h["members"], h["final"], h["weights"]
+            # confidence control chosen out of source: on the other held-out sources and the stage-1 OOF rows
+            others = {s: (o["y"], o["final"]) for s, o in held_out.items() if s != source}
+            shrink_weight, shrink_curve = cal.choose_shrinkage({**others, "stage1_oof": (stage1_y, stage1_p)}, train_tie)
+            calibrated, em = calibration_rows(y, final, tie_model, train_tie, shrink_weight)
             # the bundle's verdict on each pair vs its verdict on the same pair with A and B swapped
             final_swapped = ens.apply_temperature(ens.blend(swapped_members(members), weights), spec["temperature"])
             png = plots.reliability_diagram(y, final, storage.scratch("plots") / f"loso_{source}_reliability.png",
@@ -156,10 +199,13 @@ def build_evaluation_asset(profile: Profile) -> dg.AssetsDefinition:
                 "rows": len(held), "log_loss": ens.log_loss3(y, final), "accuracy": ens.accuracy(y, final),
                 "per_class_loss": ens.per_class_loss(y, final),
                 "swap_consistency": swap_consistency(final, final_swapped),
-                "member_swap_consistency": consistency,
+                "member_swap_consistency": h["consistency"],
                 "tie_rate_true": float(np.mean(y == 2)), "tie_rate_predicted_mean": float(final[:, 2].mean()),
-                "train_class_prior_log_loss": ens.log_loss3(y, np.tile(prior, (len(y), 1))),
-                "ablation": ablation_rows(y, members, weights, spec["temperature"], tie_bias),
+                "train_class_prior_log_loss": ens.log_loss3(y, np.tile(h["prior"], (len(y), 1))),
+                "ablation": ablation_rows(y, members, weights, spec["temperature"], tie_bias) + calibrated,
+                "tie_prior_em": em, "davidson_tie_model": tie_model.to_dict(),
+                "shrinkage": {"weight": shrink_weight, "chosen_on": sorted(others) + ["stage1_oof"],
+                              "curve": shrink_curve},
                 "by_subset": subset_rows(held, y, {"bundle": final, **members}),
             }
             metadata[f"{source}_log_loss"] = results[source]["log_loss"]
@@ -167,8 +213,10 @@ def build_evaluation_asset(profile: Profile) -> dg.AssetsDefinition:
             metadata[f"{source}_swap_consistency"] = results[source]["swap_consistency"]
             metadata[f"{source}_reliability"] = mlflow.log_pipeline_artifact(context, png)
             context.log.info(f"LOSO {source}: log loss {results[source]['log_loss']:.4f}, "
-                             f"accuracy {results[source]['accuracy']:.3f}")
-        table = markdown_table(results)
+                             f"accuracy {results[source]['accuracy']:.3f}; tie rate true {results[source]['tie_rate_true']:.3f}, "
+                             f"bundle {results[source]['tie_rate_predicted_mean']:.3f}, EM estimate "
+                             f"{em['tie_prior_estimated']:.3f}; shrinkage weight chosen elsewhere {shrink_weight:.2f}")
+        table = markdown_table(results) + "\n\n" + tie_table(results)
         for source, report in results.items():
             if report["by_subset"]:
                 table += "\n\n" + subset_table(source, report["by_subset"], "bundle")

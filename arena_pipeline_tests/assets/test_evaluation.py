@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from arena_pipeline import calibration as cal
 from arena_pipeline import ensemble as ens
-from arena_pipeline.assets.evaluation import (HELD_OUT_FOLD, loso_split, subset_rows, subset_table, swap_consistency,
-                                              swapped_members)
+from arena_pipeline.assets.evaluation import (HELD_OUT_FOLD, calibration_rows, loso_split, subset_rows, subset_table,
+                                              swap_consistency, swapped_members)
 from arena_pipeline.config import SMOKE
 
 
@@ -76,9 +77,29 @@ def test_loso_evaluation_on_smoke_run(smoke_run, monkeypatch):
         assert 0 <= report["swap_consistency"] <= 1
         variants = [r["variant"] for r in report["ablation"]]
         assert "member stage1/features" in variants and "+ temperature" in variants
+        assert {"+ Davidson tie model (fitted on stage-1 OOF)", "+ tie prior re-estimated by EM on this file",
+                "+ shrinkage toward the prior (weight chosen on the other sources)"} <= set(variants)
+        em = report["tie_prior_em"]
+        assert em["rows"] == report["rows"] and 0.01 <= em["tie_prior_estimated"] <= 0.5
+        # the shrinkage weight of a source is chosen without it
+        assert source not in report["shrinkage"]["chosen_on"] and "stage1_oof" in report["shrinkage"]["chosen_on"]
     assert results["llmbar"]["tie_rate_true"] == 0.0
     by_subset = results["llmbar"]["by_subset"]  # LLMBar rows carry their subset; PandaLM rows have none
     assert by_subset and sum(r["rows"] for r in by_subset) == results["llmbar"]["rows"]
     assert {"bundle", "stage1/features"} <= set(by_subset[0]) and results["pandalm_testset_v1"]["by_subset"] == []
     table = (smoke_run["storage"].root / "loso" / "ablation.md").read_text()
     assert table.startswith("| variant |") and "fitted blend" in table and "| llmbar subset |" in table
+    assert "| source | tie rate (true) |" in table
+
+
+def test_calibration_rows_score_each_map_on_the_held_out_rows():
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet([4, 4, 2], size=300)
+    y = np.array([rng.choice(3, p=row) for row in p])
+    rows, em = calibration_rows(y, p, cal.DavidsonTieModel(), float(p[:, 2].mean()), 0.0)
+    assert len(rows) == 4 and em["adapted"]
+    davidson, _, shrunk, _ = rows
+    # identity tie model and zero shrinkage leave the bundle as it is
+    assert davidson["log_loss"] == pytest.approx(ens.log_loss3(y, p), abs=1e-9)
+    assert shrunk["log_loss"] == pytest.approx(ens.log_loss3(y, p), abs=1e-9)
+    assert shrunk["tie_predicted_mean"] == pytest.approx(p[:, 2].mean())
