@@ -7,7 +7,9 @@ Layout::
 
 Scoring: each member's folds are averaged, members are blended with the ensemble weights, the blend is
 tempered — exactly the arithmetic of the final ensemble asset, so the bundle reproduces the pipeline's
-own predictions for the same rows.
+own predictions for the same rows. Optionally (``adapt_tie_prior``) the tie prior is then re-estimated on the
+scored file by EM (``arena_pipeline.calibration.em_tie_prior``), starting from the tie rate the blend
+assumes (``oof_mean_tie`` in bundle.json); off by default (see the README's accuracy section for why).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from arena_pipeline import calibration as cal
 from arena_pipeline import ensemble as ens
 from gpu_jobs.contract.atomic import publish_dir
 from gpu_jobs.contract.schema import LABEL_COLUMNS
@@ -77,6 +80,15 @@ def score_frame(bundle_dir: Path, frame: pd.DataFrame, progress=None) -> np.ndar
                 probs[m["name"]] = np.mean(swapped if m["tta"] else plain, axis=0)
     blended = ens.apply_temperature(ens.blend(probs, weights), manifest["temperature"])
     return blended / blended.sum(axis=1, keepdims=True)
+
+
+def adapt_tie_prior(bundle_dir: Path, probs: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The scored file's own tie rate by EM, and the probabilities under it (A/B swap consistency kept)."""
+    manifest = load_manifest(bundle_dir)
+    if "oof_mean_tie" not in manifest:
+        raise BundleError(f"{bundle_dir}/bundle.json has no 'oof_mean_tie' (built before tie-prior adaptation "
+                          "existed): rebuild the bundle (materialise final_ensemble and predictor_bundle)")
+    return cal.em_tie_prior(probs, float(manifest["oof_mean_tie"]))
 
 
 def submission_frame(ids, probs: np.ndarray) -> pd.DataFrame:

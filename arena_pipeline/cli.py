@@ -107,7 +107,7 @@ def _print_summary(profile) -> None:
 
 # ---------------------------------------------------------------- predict
 def cmd_predict(args) -> int:
-    from arena_pipeline.bundle import BundleError, load_manifest, score_frame, submission_frame
+    from arena_pipeline.bundle import BundleError, adapt_tie_prior, load_manifest, score_frame, submission_frame
     from arena_pipeline.data.clean import clean_frame
     from arena_pipeline.data.load import read_table
     from arena_pipeline.data.schema import DataError
@@ -116,9 +116,13 @@ def cmd_predict(args) -> int:
     bundle = Path(args.bundle) if args.bundle else ArenaStorage().bundle_dir
     if Path(args.output).suffix not in OUTPUT_FORMATS:
         raise InputError(f"--output {args.output}: unknown format; end the name with one of {', '.join(OUTPUT_FORMATS)}")
+    priors = Path(args.output).with_suffix(".priors.json")
     try:
-        refuse_overwrite([("--output", args.output)], [("--input", args.input), ("--bundle", bundle)])
-        load_manifest(bundle)
+        refuse_overwrite([("--output", args.output)] + ([("priors report", priors)] if args.adapt_tie_prior else []),
+                         [("--input", args.input), ("--bundle", bundle)])
+        manifest = load_manifest(bundle)
+        if args.adapt_tie_prior and "oof_mean_tie" not in manifest:
+            adapt_tie_prior(bundle, None)  # raises the rebuild message
         raw = read_table(args.input)
         frame, _ = clean_frame(raw, file=str(args.input), labelled=False, dedupe=False)
     except (DataError, BundleError, OverwriteError) as err:
@@ -135,6 +139,13 @@ def cmd_predict(args) -> int:
     bar = tqdm(desc="members x folds", unit="model", file=sys.stderr)
     probs = score_frame(bundle, frame, progress=lambda key, fold: bar.update(1))
     bar.close()
+    if args.adapt_tie_prior:
+        import json
+
+        probs, em = adapt_tie_prior(bundle, probs)
+        priors.write_text(json.dumps(em, indent=2) + "\n")
+        print(f"tie prior by EM on {args.input}: {em['tie_prior_train']:.3f} (training) -> "
+              f"{em['tie_prior_estimated']:.3f} {em['reason']} (report: {priors})")
     wall = time.time() - start
     out = submission_frame(frame["id"], probs)
     _write_table(out, Path(args.output))
@@ -299,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", required=True, metavar="FILE", help=".csv, .parquet, .jsonl or a saved HF dataset")
     predict.add_argument("--output", required=True, metavar="FILE",
                          help=f"{', '.join(OUTPUT_FORMATS)} (.csv is the Kaggle submission layout)")
+    predict.add_argument("--adapt-tie-prior", action="store_true",
+                         help="re-estimate the file's tie rate by EM on the bundle's own probabilities (A/B kept even; "
+                              "needs >= 100 rows) and write the estimate to OUTPUT.priors.json")
     predict.set_defaults(func=cmd_predict)
 
     evaluate = _command(sub, "evaluate", "log loss, accuracy, per-class loss and calibration of predictions",

@@ -15,6 +15,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from arena_pipeline.calibration import with_tie_prior
 from arena_pipeline.cli import MODELS, OUTPUT_FORMATS, STAGES
 from arena_pipeline.config import PROFILES, REPO_ROOT, SHIPPED, SMOKE
 from arena_pipeline.resources.tracking import MlflowTracking
@@ -60,6 +61,38 @@ def test_predict_writes_a_submission(smoke_run, kaggle_test):
     assert len(sub) == 12 and sub["id"].astype(str).tolist() == pd.read_csv(kaggle_test / "test.csv")["id"].astype(str).tolist()
     assert (sub.iloc[:, 1:].sum(axis=1) - 1).abs().max() < 1e-6
     assert "rows/s" in proc.stdout
+
+
+def test_predict_adapts_the_tie_prior_and_stays_swap_consistent(smoke_run, tmp_path):
+    rows = pd.read_parquet(SHIPPED / "llmbar.parquet").head(150)  # expert pairs without ties
+    cols = ["id", "prompt", "response_a", "response_b"]
+    rows[cols].to_csv(tmp_path / "pairs.csv", index=False)
+    rows.rename(columns={"response_a": "response_b", "response_b": "response_a"})[cols].to_csv(
+        tmp_path / "swapped.csv", index=False)
+    outs = {}
+    for name in ("pairs", "swapped"):
+        proc = cli(["predict", "--adapt-tie-prior", "--input", str(tmp_path / f"{name}.csv"),
+                    "--output", str(tmp_path / f"{name}_scores.csv")], smoke_run["home"])
+        assert proc.returncode == 0, proc.stderr
+        assert "tie prior by EM" in proc.stdout
+        outs[name] = pd.read_csv(tmp_path / f"{name}_scores.csv")
+    report = json.loads((tmp_path / "pairs_scores.priors.json").read_text())
+    manifest = json.loads((smoke_run["storage"].bundle_dir / "bundle.json").read_text())
+    assert report["adapted"] and report["rows"] == 150
+    assert report["tie_prior_train"] == pytest.approx(manifest["oof_mean_tie"])
+    assert 0.01 <= report["tie_prior_estimated"] <= 0.5
+    plain = cli(["predict", "--input", str(tmp_path / "pairs.csv"), "--output", str(tmp_path / "plain.csv")],
+                smoke_run["home"])
+    assert plain.returncode == 0, plain.stderr
+    unadapted = pd.read_csv(tmp_path / "plain.csv")
+    probs = ["winner_model_a", "winner_model_b", "winner_tie"]
+    # the adapted probabilities are the bundle's own under the estimated tie prior (Bayes' rule, A/B kept even)
+    expected = with_tie_prior(unadapted[probs].to_numpy(), report["tie_prior_train"], report["tie_prior_estimated"])
+    assert abs(outs["pairs"][probs].to_numpy() - expected).max() < 1e-6
+    # the swapped file gets the same tie estimate (the smoke bundle's MiniLM member is not swap-equivariant,
+    # so its probabilities differ slightly; the A/B-even map itself is exact: test_calibration)
+    swapped_report = json.loads((tmp_path / "swapped_scores.priors.json").read_text())
+    assert swapped_report["tie_prior_estimated"] == pytest.approx(report["tie_prior_estimated"], abs=0.01)
 
 
 @pytest.mark.parametrize("case", ["missing_file", "missing_column", "unknown_bundle"])

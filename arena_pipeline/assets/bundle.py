@@ -6,7 +6,7 @@ import json
 import dagster as dg
 import yaml
 
-from arena_pipeline.bundle import score_frame, submission_frame, write_bundle
+from arena_pipeline.bundle import adapt_tie_prior, score_frame, submission_frame, write_bundle
 from arena_pipeline.config import Profile
 from arena_pipeline.data.clean import clean_frame
 from arena_pipeline.data.load import read_table
@@ -18,6 +18,7 @@ def build_bundle_asset(profile: Profile) -> dg.AssetsDefinition:
     class BundleConfig(dg.Config):
         test_path: str = profile.test_path  # a Kaggle-format test.csv (id, prompt, response_a, response_b) to score
         max_test_rows: int = profile.max_test_rows  # 0: every row (what a submission needs)
+        adapt_tie_prior: bool = False  # re-estimate the test file's tie rate by EM (calibration.em_tie_prior)
 
     @dg.asset(group_name="ensembles", deps=["final_ensemble"], kinds={"folder"},
               description="Self-contained predictor (models, weights, temperature, configs, data versions) that "
@@ -50,6 +51,11 @@ def build_bundle_asset(profile: Profile) -> dg.AssetsDefinition:
             raw = raw.head(config.max_test_rows) if config.max_test_rows else raw
             frame, report = clean_frame(raw, file=config.test_path, labelled=False, dedupe=False)
             probs = score_frame(bundle, frame)
+            if config.adapt_tie_prior:
+                probs, em = adapt_tie_prior(bundle, probs)
+                context.log.info(f"tie prior by EM on {config.test_path}: {em['tie_prior_train']:.3f} -> "
+                                 f"{em['tie_prior_estimated']:.3f} {em['reason']}")
+                metadata["tie_prior_em"] = dg.MetadataValue.json(em)
             submission_frame(frame["id"], probs).to_csv(submission, index=False)
             metadata.update({"submission": dg.MetadataValue.path(str(submission)), "submission_rows": len(frame),
                              "test_cleaning": dg.MetadataValue.json(report.to_metadata())})

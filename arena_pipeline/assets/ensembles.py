@@ -89,6 +89,8 @@ def fit_ensemble(storage: ArenaStorage, profile: Profile, stages: tuple[str, ...
         "fitted_blend_accuracy": ens.accuracy(y, final),
         "per_class_loss": ens.per_class_loss(y, final),
         "class_prior_log_loss": ens.log_loss3(y, np.tile(prior, (len(y), 1))),
+        # the tie rate the tempered blend assumes (its mean tie on these rows): EM prior adaptation starts from it
+        "oof_mean_tie": float(final[:, 2].mean()),
         "method": method,
     }
     atomic_write_json(summary, storage.ensemble(name))
