@@ -6,9 +6,10 @@ Every map here treats A and B alike, so swapping the two answers still permutes 
   (the EM prior correction of Saerens, Latinne & Decaestecker 2002), with the A/B split of the rest kept
   even, so only the tie prior moves. Guards: a pseudo-count pull toward the training tie rate, bounds on
   the estimate, and no adaptation on a file too small to estimate a rate from.
-- ``DavidsonTieModel``: the blend re-read as an antisymmetric preference score s = (log pA - log pB) / 2 and a
-  tie logit from swap-symmetric inputs (the members' own tie logit, |s|), the Davidson form
-  P(A) ∝ e^{a s}, P(B) ∝ e^{-a s}, P(tie) ∝ e^{c + g t + d |s|}; fitted by maximum likelihood.
+- ``DavidsonTieModel``: probabilities re-read as an antisymmetric preference score s = (log pA - log pB) / 2 and a
+  symmetric tie logit t = log pT - (log pA + log pB) / 2, recombined in the Davidson form
+  P(A) ∝ e^{a s}, P(B) ∝ e^{-a s}, P(tie) ∝ e^{c + g t + d |s|} and fitted by maximum likelihood; over several
+  members' probabilities at once it is a stacker with the same symmetry (one a and g per member).
 - ``shrink`` / ``choose_shrinkage``: mix the probabilities with an A/B-even prior; the weight is chosen on
   held-out *sources* (leave-one-source-out), not on the set the blend was fitted on.
 """
@@ -81,34 +82,51 @@ def _score_and_tie(p) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class DavidsonTieModel:
-    """P(A) ∝ e^{a s}, P(B) ∝ e^{-a s}, P(tie) ∝ e^{c + g t + d |s|} on a blend's s and t (see module doc).
+    """Davidson form over one or more probability inputs (a blend, or the members themselves: stacking).
 
-    The identity is a = 1, c = 0, g = 1, d = 0. ``fit`` never returns a model worse in sample than it."""
+    Each input m gives an antisymmetric score s_m and a symmetric tie logit t_m (module doc);
+    S = sum_m a_m s_m; P(A) ∝ e^{S}, P(B) ∝ e^{-S}, P(tie) ∝ e^{c + sum_m g_m t_m + d |S|}.
+    With one input the identity is a = [1], g = [1], c = d = 0 (``DavidsonTieModel()``); ``fit`` starts from
+    the uniform average of the inputs' scores and never returns a model worse in sample than that start."""
 
-    a: float = 1.0
+    a: tuple[float, ...] = (1.0,)
+    g: tuple[float, ...] = (1.0,)
     c: float = 0.0
-    g: float = 1.0
     d: float = 0.0
 
+    @staticmethod
+    def _inputs(p) -> list[np.ndarray]:
+        return list(p) if isinstance(p, (list, tuple)) else [p]
+
     def apply(self, p) -> np.ndarray:
-        s, t = _score_and_tie(p)
-        logits = np.column_stack([self.a * s, -self.a * s, self.c + self.g * t + self.d * np.abs(s)])
+        """``p``: one (n, 3) array, or a list of them in the order the model was fitted on."""
+        parts = [_score_and_tie(x) for x in self._inputs(p)]
+        if len(parts) != len(self.a):
+            raise ValueError(f"this Davidson model takes {len(self.a)} input(s), got {len(parts)}")
+        score = sum(a * s for a, (s, _) in zip(self.a, parts))
+        tie = self.c + sum(g * t for g, (_, t) in zip(self.g, parts)) + self.d * np.abs(score)
+        logits = np.column_stack([score, -score, tie])
         logits -= logits.max(axis=1, keepdims=True)
         e = np.exp(logits)
         return e / e.sum(axis=1, keepdims=True)
 
     @classmethod
+    def _unpack(cls, theta: np.ndarray, m: int) -> "DavidsonTieModel":
+        return cls(tuple(map(float, theta[:m])), tuple(map(float, theta[m:2 * m])), float(theta[-2]), float(theta[-1]))
+
+    @classmethod
     def fit(cls, p, y, l2: float = 1e-3) -> "DavidsonTieModel":
-        """Maximum likelihood (L-BFGS) with a small pull toward the identity."""
-        p = ens.clip_probs(p)
-        identity = np.array([1.0, 0.0, 1.0, 0.0])
+        """Maximum likelihood (L-BFGS) with a small pull toward the start (uniform average of the inputs)."""
+        inputs = [ens.clip_probs(x) for x in cls._inputs(p)]
+        m = len(inputs)
+        start = np.r_[np.full(m, 1.0 / m), np.full(m, 1.0 / m), 0.0, 0.0]
 
         def loss(theta):
-            return ens.log_loss3(y, cls(*theta).apply(p)) + l2 * float(np.sum((theta - identity) ** 2))
+            return ens.log_loss3(y, cls._unpack(theta, m).apply(inputs)) + l2 * float(np.sum((theta - start) ** 2))
 
-        res = minimize(loss, identity, method="L-BFGS-B")
-        fitted = cls(*map(float, res.x))
-        return fitted if ens.log_loss3(y, fitted.apply(p)) <= ens.log_loss3(y, p) else cls()
+        fitted = cls._unpack(minimize(loss, start, method="L-BFGS-B").x, m)
+        initial = cls._unpack(start, m)
+        return fitted if ens.log_loss3(y, fitted.apply(inputs)) <= ens.log_loss3(y, initial.apply(inputs)) else initial
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -13,7 +13,7 @@ def davidson_data(n, a=1.5, c=-0.8, tie_rate=None, seed=0):
     """Labels drawn from a known Davidson model; the 'model' probabilities are the true ones."""
     rng = np.random.default_rng(seed)
     s = rng.normal(0, 1.2, n)
-    p = cal.DavidsonTieModel(a=1.0, c=c, g=0.0, d=0.0).apply(np.column_stack([np.exp(s), np.exp(-s), np.ones(n)]))
+    p = cal.DavidsonTieModel(a=(1.0,), g=(0.0,), c=c).apply(np.column_stack([np.exp(s), np.exp(-s), np.ones(n)]))
     y = np.array([rng.choice(3, p=row) for row in p])
     return p, y
 
@@ -21,7 +21,7 @@ def davidson_data(n, a=1.5, c=-0.8, tie_rate=None, seed=0):
 def test_every_map_keeps_swap_consistency_exact():
     p, y = davidson_data(400)
     swapped = p[:, SWAP]
-    model = cal.DavidsonTieModel(a=1.3, c=-0.2, g=0.7, d=-0.4)
+    model = cal.DavidsonTieModel(a=(1.3,), g=(0.7,), c=-0.2, d=-0.4)
     np.testing.assert_allclose(model.apply(swapped), model.apply(p)[:, SWAP], atol=1e-12)
     np.testing.assert_allclose(cal.shrink(swapped, 0.3, 0.2), cal.shrink(p, 0.3, 0.2)[:, SWAP], atol=1e-12)
     q, _ = cal.em_tie_prior(p, 0.25)
@@ -64,7 +64,7 @@ def test_davidson_fit_recovers_scale_and_never_loses_in_sample():
     # an over-confident model: log-probabilities doubled
     over = ens.apply_temperature(p_true, 0.5)
     fitted = cal.DavidsonTieModel.fit(over, y)
-    assert 0.4 < fitted.a < 0.6, fitted  # undoes the doubling of the A/B score
+    assert 0.4 < fitted.a[0] < 0.6, fitted  # undoes the doubling of the A/B score
     assert ens.log_loss3(y, fitted.apply(over)) < ens.log_loss3(y, over) - 0.02
     assert abs(ens.log_loss3(y, fitted.apply(over)) - ens.log_loss3(y, p_true)) < 0.01
     identity = cal.DavidsonTieModel()
@@ -80,3 +80,16 @@ def test_choose_shrinkage_picks_the_weight_the_held_out_sources_want():
     assert weight <= 0.05  # already calibrated: (almost) no shrinkage
     with pytest.raises(ValueError, match="weight"):
         cal.shrink(p, 1.5, 0.2)
+
+
+def test_davidson_stacker_weights_members_and_keeps_swap_consistency():
+    p_true, y = davidson_data(4000, seed=5)
+    rng = np.random.default_rng(6)
+    noise = cal.DavidsonTieModel(a=(1.0,), g=(0.0,), c=-0.5).apply(np.exp(rng.normal(0, 1, (4000, 3))))
+    stacker = cal.DavidsonTieModel.fit([p_true, noise], y)
+    assert stacker.a[0] > 0.8 and abs(stacker.a[1]) < 0.1, stacker  # the informative member carries the score
+    assert ens.log_loss3(y, stacker.apply([p_true, noise])) < ens.log_loss3(y, (p_true + noise) / 2)
+    swapped = stacker.apply([p_true[:, SWAP], noise[:, SWAP]])
+    np.testing.assert_allclose(swapped, stacker.apply([p_true, noise])[:, SWAP], atol=1e-12)
+    with pytest.raises(ValueError, match="2 input"):
+        stacker.apply(p_true)

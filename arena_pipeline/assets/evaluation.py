@@ -14,6 +14,7 @@ preference sets vs its adversarial instruction-following sets), which can tell v
 """
 
 import json
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -22,7 +23,8 @@ import pandas as pd
 from arena_pipeline import calibration as cal
 from arena_pipeline import ensemble as ens
 from arena_pipeline import plots
-from arena_pipeline.assets.oof import job_args
+from arena_pipeline.assets.ensembles import collect_members
+from arena_pipeline.assets.oof import STAGE1, job_args
 from arena_pipeline.config import Profile
 from arena_pipeline.data.folds import label_index
 from arena_pipeline.resources.launcher import JobLauncher
@@ -143,6 +145,86 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def held_out_predictions(storage: ArenaStorage, profile: Profile, frame: pd.DataFrame, source: str) -> dict:
+    """One held-out source's labels and every stage-1 member's prediction (plain and swapped) from its LOSO job."""
+    held = frame[frame["fold"] == HELD_OUT_FOLD]
+    members: dict[str, np.ndarray] = {}
+    consistency: dict[str, float] = {}
+    for model_spec in profile.models:
+        out = storage.root / "loso" / source / model_spec.name
+        plain = pd.read_parquet(out / "oof.parquet").set_index("id").loc[held["id"], PROBS].to_numpy()
+        swapped = pd.read_parquet(out / "oof_tta.parquet").set_index("id").loc[held["id"], PROBS].to_numpy()
+        members[f"stage1/{model_spec.name}"] = plain
+        members[f"stage1/{model_spec.name}+tta"] = swapped
+        consistency[model_spec.name] = swap_consistency(plain, swapped)
+    train_y = label_index(frame[frame["fold"] == -1])
+    return {"held": held, "y": label_index(held), "members": members, "consistency": consistency,
+            "prior": np.bincount(train_y, minlength=3) / len(train_y)}
+
+
+def stage1_fit_rows(storage: ArenaStorage, profile: Profile, processed: pd.DataFrame) -> dict:
+    """What the calibration maps are fitted on: the stage-1 ensemble's spec, its OOF blend, labels, members' OOF."""
+    spec = json.loads(storage.ensemble("stage1_ensemble").read_text())
+    oof = pd.read_parquet(storage.ensemble("stage1_ensemble").with_suffix(".oof.parquet"))
+    members = {m.name: frame.loc[oof["id"]].to_numpy() for m, frame in collect_members(storage, profile, (STAGE1,)).items()}
+    return {"spec": spec, "p": oof[PROBS].to_numpy(), "members": members,
+            "y": label_index(processed.set_index("id").loc[oof["id"]].reset_index())}
+
+
+def loso_report(held_out: dict[str, dict], stage1: dict, plots_dir: Path) -> tuple[dict[str, dict], dict[str, Path]]:
+    """Score every held-out source: the bundle, the ablation rows, the calibration maps, subsets, reliability.
+
+    The maps are fitted on the stage-1 OOF rows (arena-bench fold 0) or, for the shrinkage weight, on the other
+    held-out sources; nothing is fitted on the source it is scored on except EM's own estimate of its tie rate,
+    which uses no labels."""
+    spec, stage1_p, stage1_y = stage1["spec"], stage1["p"], stage1["y"]
+    tie_bias = ens.fit_tie_bias(stage1_p, stage1_y)
+    tie_model = cal.DavidsonTieModel.fit(stage1_p, stage1_y)
+    train_tie = float(stage1_p[:, 2].mean())  # the tie rate the bundle's probabilities assume
+    for h in held_out.values():
+        h["weights"] = {n: w for n, w in spec["weights"].items() if n in h["members"]}
+        h["final"] = ens.apply_temperature(ens.blend(h["members"], h["weights"]), spec["temperature"])
+    stacked = [n for n in stage1["members"] if all(n in h["members"] for h in held_out.values())]
+    stacker = cal.DavidsonTieModel.fit([stage1["members"][n] for n in stacked], stage1_y) if stacked else None
+    results: dict[str, dict] = {}
+    pngs: dict[str, Path] = {}
+    for source, h in held_out.items():
+        y, held, members, final, weights = h["y"], h["held"], h["members"], h["final"], h["weights"]
+        # confidence control chosen out of source: on the other held-out sources and the stage-1 OOF rows
+        others = {s: (o["y"], o["final"]) for s, o in held_out.items() if s != source}
+        shrink_weight, shrink_curve = cal.choose_shrinkage({**others, "stage1_oof": (stage1_y, stage1_p)}, train_tie)
+        calibrated, em = calibration_rows(y, final, tie_model, train_tie, shrink_weight)
+        if stacker is not None:
+            calibrated.append(_row("Davidson stacker over the members (fitted on stage-1 OOF)", y,
+                                   stacker.apply([members[n] for n in stacked])))
+        # the bundle's verdict on each pair vs its verdict on the same pair with A and B swapped
+        final_swapped = ens.apply_temperature(ens.blend(swapped_members(members), weights), spec["temperature"])
+        pngs[source] = plots.reliability_diagram(y, final, plots_dir / f"loso_{source}_reliability.png",
+                                                 f"LOSO {source}")
+        results[source] = {
+            "rows": len(held), "log_loss": ens.log_loss3(y, final), "accuracy": ens.accuracy(y, final),
+            "per_class_loss": ens.per_class_loss(y, final),
+            "swap_consistency": swap_consistency(final, final_swapped),
+            "member_swap_consistency": h["consistency"],
+            "tie_rate_true": float(np.mean(y == 2)), "tie_rate_predicted_mean": float(final[:, 2].mean()),
+            "train_class_prior_log_loss": ens.log_loss3(y, np.tile(h["prior"], (len(y), 1))),
+            "ablation": ablation_rows(y, members, weights, spec["temperature"], tie_bias) + calibrated,
+            "tie_prior_em": em, "davidson_tie_model": tie_model.to_dict(),
+            "davidson_stacker": {"members": stacked, **(stacker.to_dict() if stacker else {})},
+            "shrinkage": {"weight": shrink_weight, "chosen_on": sorted(others) + ["stage1_oof"], "curve": shrink_curve},
+            "by_subset": subset_rows(held, y, {"bundle": final, **members}),
+        }
+    return results, pngs
+
+
+def report_markdown(results: dict[str, dict]) -> str:
+    table = markdown_table(results) + "\n\n" + tie_table(results)
+    for source, report in results.items():
+        if report["by_subset"]:
+            table += "\n\n" + subset_table(source, report["by_subset"], "bundle")
+    return table
+
+
 def build_evaluation_asset(profile: Profile) -> dg.AssetsDefinition:
     class LosoConfig(dg.Config):
         sources: list[str] = ["pandalm_testset_v1", "llmbar"]
@@ -152,74 +234,27 @@ def build_evaluation_asset(profile: Profile) -> dg.AssetsDefinition:
     def loso_evaluation(context: dg.AssetExecutionContext, config: LosoConfig, storage: ArenaStorage,
                         launcher: JobLauncher, mlflow: MlflowTracking):
         processed = pd.read_parquet(storage.data("processed_folds"))
-        spec = json.loads(storage.ensemble("stage1_ensemble").read_text())
-        stage1_oof = pd.read_parquet(storage.ensemble("stage1_ensemble").with_suffix(".oof.parquet"))
-        stage1_y = label_index(processed.set_index("id").loc[stage1_oof["id"]].reset_index())
-        stage1_p = stage1_oof[PROBS].to_numpy()  # the stage-1 ensemble's (tempered) OOF blend
-        tie_bias = ens.fit_tie_bias(stage1_p, stage1_y)  # fitted out of sample (other data)
-        tie_model = cal.DavidsonTieModel.fit(stage1_p, stage1_y)
-        train_tie = float(stage1_p[:, 2].mean())  # the tie rate the bundle's probabilities assume
         held_out: dict[str, dict] = {}
         for source in config.sources:
             frame = loso_split(processed, source)
             data = atomic_write_parquet(frame, storage.scratch("loso") / f"{source}.parquet")
-            members: dict[str, np.ndarray] = {}
-            consistency: dict[str, float] = {}
-            held = frame[frame["fold"] == HELD_OUT_FOLD]
             for model_spec in profile.models:
                 out = storage.root / "loso" / source / model_spec.name
                 launcher.run(context, "gpu_jobs.train", job_args(model_spec, HELD_OUT_FOLD, data, out, ["tta=true"]),
                              extras={"loso_source": source, "model": model_spec.name}, **model_spec.launch_options)
-                plain = pd.read_parquet(out / "oof.parquet").set_index("id").loc[held["id"], PROBS].to_numpy()
-                swapped = pd.read_parquet(out / "oof_tta.parquet").set_index("id").loc[held["id"], PROBS].to_numpy()
-                members[f"stage1/{model_spec.name}"] = plain
-                members[f"stage1/{model_spec.name}+tta"] = swapped
-                consistency[model_spec.name] = swap_consistency(plain, swapped)
-            prior = np.bincount(label_index(frame[frame["fold"] == -1]), minlength=3) / int((frame["fold"] == -1).sum())
-            held_out[source] = {"held": held, "y": label_index(held), "members": members, "consistency": consistency,
-                                "prior": prior}
-        weights_all = spec["weights"]
-        for source, h in held_out.items():
-            weights = {n: w for n, w in weights_all.items() if n in h["members"]}
-            h["weights"] = weights
-            h["final"] = ens.apply_temperature(ens.blend(h["members"], weights), spec["temperature"])
-        results: dict[str, dict] = {}
+            held_out[source] = held_out_predictions(storage, profile, frame, source)
+        results, pngs = loso_report(held_out, stage1_fit_rows(storage, profile, processed), storage.scratch("plots"))
         metadata: dict = {}
-        for source, h in held_out.items():
-            y, held, members, final, weights = h["y"], h["held"], h["members"], h["final"], h["weights"]
-            # confidence control chosen out of source: on the other held-out sources and the stage-1 OOF rows
-            others = {s: (o["y"], o["final"]) for s, o in held_out.items() if s != source}
-            shrink_weight, shrink_curve = cal.choose_shrinkage({**others, "stage1_oof": (stage1_y, stage1_p)}, train_tie)
-            calibrated, em = calibration_rows(y, final, tie_model, train_tie, shrink_weight)
-            # the bundle's verdict on each pair vs its verdict on the same pair with A and B swapped
-            final_swapped = ens.apply_temperature(ens.blend(swapped_members(members), weights), spec["temperature"])
-            png = plots.reliability_diagram(y, final, storage.scratch("plots") / f"loso_{source}_reliability.png",
-                                            f"LOSO {source}")
-            results[source] = {
-                "rows": len(held), "log_loss": ens.log_loss3(y, final), "accuracy": ens.accuracy(y, final),
-                "per_class_loss": ens.per_class_loss(y, final),
-                "swap_consistency": swap_consistency(final, final_swapped),
-                "member_swap_consistency": h["consistency"],
-                "tie_rate_true": float(np.mean(y == 2)), "tie_rate_predicted_mean": float(final[:, 2].mean()),
-                "train_class_prior_log_loss": ens.log_loss3(y, np.tile(h["prior"], (len(y), 1))),
-                "ablation": ablation_rows(y, members, weights, spec["temperature"], tie_bias) + calibrated,
-                "tie_prior_em": em, "davidson_tie_model": tie_model.to_dict(),
-                "shrinkage": {"weight": shrink_weight, "chosen_on": sorted(others) + ["stage1_oof"],
-                              "curve": shrink_curve},
-                "by_subset": subset_rows(held, y, {"bundle": final, **members}),
-            }
-            metadata[f"{source}_log_loss"] = results[source]["log_loss"]
-            metadata[f"{source}_accuracy"] = results[source]["accuracy"]
-            metadata[f"{source}_swap_consistency"] = results[source]["swap_consistency"]
-            metadata[f"{source}_reliability"] = mlflow.log_pipeline_artifact(context, png)
-            context.log.info(f"LOSO {source}: log loss {results[source]['log_loss']:.4f}, "
-                             f"accuracy {results[source]['accuracy']:.3f}; tie rate true {results[source]['tie_rate_true']:.3f}, "
-                             f"bundle {results[source]['tie_rate_predicted_mean']:.3f}, EM estimate "
-                             f"{em['tie_prior_estimated']:.3f}; shrinkage weight chosen elsewhere {shrink_weight:.2f}")
-        table = markdown_table(results) + "\n\n" + tie_table(results)
-        for source, report in results.items():
-            if report["by_subset"]:
-                table += "\n\n" + subset_table(source, report["by_subset"], "bundle")
+        for source, r in results.items():
+            metadata[f"{source}_log_loss"] = r["log_loss"]
+            metadata[f"{source}_accuracy"] = r["accuracy"]
+            metadata[f"{source}_swap_consistency"] = r["swap_consistency"]
+            metadata[f"{source}_reliability"] = mlflow.log_pipeline_artifact(context, pngs[source])
+            context.log.info(f"LOSO {source}: log loss {r['log_loss']:.4f}, accuracy {r['accuracy']:.3f}; tie rate "
+                             f"true {r['tie_rate_true']:.3f}, bundle {r['tie_rate_predicted_mean']:.3f}, EM estimate "
+                             f"{r['tie_prior_em']['tie_prior_estimated']:.3f}; shrinkage weight chosen elsewhere "
+                             f"{r['shrinkage']['weight']:.2f}")
+        table = report_markdown(results)
         atomic_write_json(results, storage.root / "loso" / "results.json")
         (storage.root / "loso" / "ablation.md").write_text(table + "\n")
         metadata["ablation"] = dg.MetadataValue.md(table)

@@ -78,7 +78,9 @@ def test_loso_evaluation_on_smoke_run(smoke_run, monkeypatch):
         variants = [r["variant"] for r in report["ablation"]]
         assert "member stage1/features" in variants and "+ temperature" in variants
         assert {"+ Davidson tie model (fitted on stage-1 OOF)", "+ tie prior re-estimated by EM on this file",
-                "+ shrinkage toward the prior (weight chosen on the other sources)"} <= set(variants)
+                "+ shrinkage toward the prior (weight chosen on the other sources)",
+                "Davidson stacker over the members (fitted on stage-1 OOF)"} <= set(variants)
+        assert "stage1/features" in report["davidson_stacker"]["members"]
         em = report["tie_prior_em"]
         assert em["rows"] == report["rows"] and 0.01 <= em["tie_prior_estimated"] <= 0.5
         # the shrinkage weight of a source is chosen without it
