@@ -18,6 +18,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -56,9 +57,20 @@ def load_manifest(bundle_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def score_frame(bundle_dir: Path, frame: pd.DataFrame, progress=None) -> np.ndarray:
-    """(n, 3) probabilities [A wins, B wins, tie] for the rows of ``frame`` (data contract columns)."""
-    from gpu_jobs.predict import predict_frame
+# (model folder, tta) -> (probabilities, TTA probabilities or None) for the rows being scored
+Predict = Callable[[Path, bool], tuple[np.ndarray, "np.ndarray | None"]]
+
+
+def score_frame(bundle_dir: Path, frame: pd.DataFrame, progress=None, predict: Predict | None = None) -> np.ndarray:
+    """(n, 3) probabilities [A wins, B wins, tie] for the rows of ``frame`` (data contract columns).
+
+    ``predict`` runs one member fold; default: in this process (the `predict` CLI). The `predictor_bundle`
+    asset passes one that launches `gpu_jobs.predict` as a job, like every other model job of the graph."""
+    if predict is None:
+        from gpu_jobs.predict import predict_frame
+
+        def predict(model_dir: Path, tta: bool):
+            return predict_frame(model_dir, frame, tta=tta)
 
     bundle_dir = Path(bundle_dir)
     manifest = load_manifest(bundle_dir)
@@ -69,7 +81,7 @@ def score_frame(bundle_dir: Path, frame: pd.DataFrame, progress=None) -> np.ndar
         want_tta = any(f"{m['stage']}/{m['model']}" == key and m["tta"] for m in members)
         plain, swapped = [], []
         for fold, rel in sorted(manifest["models"][key].items()):
-            p, p_tta = predict_frame(bundle_dir / rel, frame, tta=want_tta)
+            p, p_tta = predict(bundle_dir / rel, want_tta)
             plain.append(p)
             if want_tta:
                 swapped.append(p_tta)

@@ -1,17 +1,48 @@
-"""predictor_bundle: the final ensemble packed with its models, plus a Kaggle submission when configured."""
+"""predictor_bundle: the final ensemble packed with its models, plus a Kaggle submission when configured.
+
+The submission's rows are scored by `gpu_jobs.predict` jobs (one per member fold, through the launcher, in the
+`gpu` pool, like every other model job); only the blend arithmetic runs in the Dagster step. The `predict` CLI
+scores the same bundle in its own process.
+"""
 
 
 import json
+from pathlib import Path
 
 import dagster as dg
+import pandas as pd
 import yaml
 
-from arena_pipeline.bundle import adapt_tie_prior, score_frame, submission_frame, write_bundle
+from arena_pipeline.bundle import Predict, adapt_tie_prior, score_frame, submission_frame, write_bundle
 from arena_pipeline.config import Profile
 from arena_pipeline.data.clean import clean_frame
 from arena_pipeline.data.load import read_table
-from arena_pipeline.resources.storage import ArenaStorage, file_version, refuse_overwrite
+from arena_pipeline.resources.launcher import JobLauncher
+from arena_pipeline.resources.storage import ArenaStorage, atomic_write_parquet, file_version, refuse_overwrite
 from arena_pipeline.resources.tracking import MlflowTracking
+from gpu_jobs.contract.schema import PROB_COLUMNS
+from gpu_jobs.predict import tta_path
+
+PROBS = list(PROB_COLUMNS)
+
+
+def launched_predict(context: dg.AssetExecutionContext, launcher: JobLauncher, profile: Profile, bundle: Path,
+                     frame: pd.DataFrame, scratch: Path) -> Predict:
+    """A ``Predict`` that scores the frame with `gpu_jobs.predict` launched as a job (in the `gpu` pool, on the
+    launcher's backend), one job per member fold of the bundle, and reads its output back in row order."""
+    data = atomic_write_parquet(frame, scratch / "rows.parquet")
+    ids = frame["id"].astype(str)
+
+    def predict(model_dir: Path, tta: bool):
+        stage, model, fold = Path(model_dir).relative_to(bundle / "models").parts
+        out = scratch / f"{stage}_{model}_{fold}.parquet"
+        args = ["--model-dir", str(model_dir), "--data", str(data), "--output", str(out)] + (["--tta"] if tta else [])
+        launcher.run(context, "gpu_jobs.predict", args, extras={"model": model, "fold": fold, "bundle": str(bundle)},
+                     **profile.model(model).launch_options)
+        read = lambda path: pd.read_parquet(path).set_index("id").loc[ids, PROBS].to_numpy()  # noqa: E731
+        return read(out), (read(tta_path(out)) if tta else None)
+
+    return predict
 
 
 def build_bundle_asset(profile: Profile) -> dg.AssetsDefinition:
@@ -20,11 +51,11 @@ def build_bundle_asset(profile: Profile) -> dg.AssetsDefinition:
         max_test_rows: int = profile.max_test_rows  # 0: every row (what a submission needs)
         adapt_tie_prior: bool = False  # re-estimate the test file's tie rate by EM (calibration.em_tie_prior)
 
-    @dg.asset(group_name="ensembles", deps=["final_ensemble"], kinds={"folder"},
+    @dg.asset(group_name="ensembles", deps=["final_ensemble"], kinds={"folder"}, pool="gpu",
               description="Self-contained predictor (models, weights, temperature, configs, data versions) that "
                           "scores new files without Dagster; writes submission.csv for a configured test file.")
     def predictor_bundle(context: dg.AssetExecutionContext, config: BundleConfig, storage: ArenaStorage,
-                         mlflow: MlflowTracking):
+                         mlflow: MlflowTracking, launcher: JobLauncher):
         submission = storage.bundle_dir / "submission.csv"
         # the bundle folder is replaced whole: a test file inside it would be deleted before it is read
         refuse_overwrite([("submission", submission), ("bundle folder", storage.bundle_dir)],
@@ -50,7 +81,8 @@ def build_bundle_asset(profile: Profile) -> dg.AssetsDefinition:
             raw = read_table(config.test_path)
             raw = raw.head(config.max_test_rows) if config.max_test_rows else raw
             frame, report = clean_frame(raw, file=config.test_path, labelled=False, dedupe=False)
-            probs = score_frame(bundle, frame)
+            probs = score_frame(bundle, frame, predict=launched_predict(context, launcher, profile, bundle, frame,
+                                                                        storage.scratch("bundle_scoring")))
             if config.adapt_tie_prior:
                 probs, em = adapt_tie_prior(bundle, probs)
                 context.log.info(f"tie prior by EM on {config.test_path}: {em['tie_prior_train']:.3f} -> "
