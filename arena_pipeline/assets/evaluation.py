@@ -137,7 +137,7 @@ def build_evaluation_asset(profile: Profile) -> dg.AssetsDefinition:
             held = frame[frame["fold"] == HELD_OUT_FOLD]
             for model_spec in profile.models:
                 out = storage.root / "loso" / source / model_spec.name
-                launcher.run(context, "gpu_jobs.train", job_args(model_spec, HELD_OUT_FOLD, data, out, ["tta=true"]),
+                launcher.run(context, "gpu_jobs.train", job_args(model_spec, HELD_OUT_FOLD, data, out, {"tta": True}),
                              extras={"loso_source": source, "model": model_spec.name}, **model_spec.launch_options)
                 plain = pd.read_parquet(out / "oof.parquet").set_index("id").loc[held["id"], PROBS].to_numpy()
                 swapped = pd.read_parquet(out / "oof_tta.parquet").set_index("id").loc[held["id"], PROBS].to_numpy()
