@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -273,10 +273,8 @@ def _read_profile_file(path: Path) -> ProfileFile:
     data = read_yaml(path)
     try:
         return ProfileFile.model_validate(data)
-    except Exception as exc:  # pydantic.ValidationError
-        if hasattr(exc, "errors"):
-            raise ValueError(describe_errors(exc, ProfileFile, str(path))) from None
-        raise
+    except ValidationError as exc:
+        raise ValueError(describe_errors(exc, ProfileFile, str(path))) from None
 
 
 def _model_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
@@ -353,12 +351,15 @@ def load_profile(name_or_path: str | Path, vllm: bool | None = None, _seen: tupl
         raise ValueError(_where(source, "models") + f" member names must be unique, got {names}")
     try:
         profile = Profile(**{**fields, "differences": tuple(differences), "source": source})
-    except Exception as exc:  # pydantic.ValidationError
-        if hasattr(exc, "errors"):
-            from gpu_jobs.config import describe_errors
+    except ValidationError as exc:
+        from gpu_jobs.config import describe_errors
 
-            raise ValueError(describe_errors(exc, Profile, source)) from None
-        raise
+        raise ValueError(describe_errors(exc, Profile, source)) from None
+    for key, file in [("accelerate_config", profile.accelerate_config),
+                      *((f"models.{m.name}.accelerate_config", m.accelerate_config) for m in profile.models)]:
+        if file is not None and not (ACCELERATE_DIR / file).exists():
+            raise ValueError(_where(source, key) + f" no such accelerate config {file!r}; shipped: "
+                             f"{sorted(p.name for p in ACCELERATE_DIR.glob('*.yaml'))}")
     for m in profile.models:  # every member's overrides against its family's config class, now
         m.job_config(source=source)
     return profile

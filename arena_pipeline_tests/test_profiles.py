@@ -95,6 +95,7 @@ def test_a_user_profile_builds_the_definitions_and_runs_a_job_with_no_code_chang
     (lambda d: d["models"][1].update(stage_2=False), "models[1].stage_2"),            # a member entry's key
     (lambda d: d.update(folds="all"), "folds"),
     (lambda d: d.update(n_folds=1), "n_folds"),
+    (lambda d: d["models"][1].update(accelerate_config="cpu_2procs.yaml"), "models.cross_encoder_small.accelerate_config"),
 ])
 def test_a_typo_in_a_user_profile_fails_when_the_definitions_load(tmp_path, monkeypatch, change, key):
     data = json.loads(json.dumps(USER_PROFILE))
