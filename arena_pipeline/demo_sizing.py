@@ -17,8 +17,10 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow.parquet as pq
 
@@ -61,18 +63,16 @@ def _rows(path: str) -> int:
 
 def _job_config(spec: ModelSpec):
     """The member's job config with the profile's overrides applied: the job programs' own loader."""
-    from gpu_jobs.config import load_config
-
-    return load_config(spec.config_path, list(spec.overrides))
+    return spec.job_config()
 
 
 def run_probe(spec: ModelSpec, data: str, rows: int = 4) -> Probe:
-    """``python -m gpu_jobs.probe`` for one member, as its own process (model work stays out of this one)."""
-    cmd = [sys.executable, "-m", "gpu_jobs.probe", "--config", str(spec.config_path), "--data", data,
-           "--rows", str(rows)]
-    for item in spec.overrides:
-        cmd += ["--set", item]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    """``python -m gpu_jobs.probe`` for one member, as its own process (model work stays out of this one), on
+    the member's one resolved config file."""
+    with tempfile.TemporaryDirectory(prefix="probe-") as tmp:
+        config = spec.write_config(Path(tmp) / f"{spec.name}.yaml")
+        cmd = [sys.executable, "-m", "gpu_jobs.probe", "--config", str(config), "--data", data, "--rows", str(rows)]
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"throughput probe of {spec.name} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
     data = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -139,7 +139,7 @@ def plan(profile: Profile, costs: list[MemberCost], budget_s: float, spent_s: fl
     if new_rows or dropped:
         lines.append("  the fold-0 figures of this run are those of this smaller demo, not of the profile's own sizes")
     models = tuple(
-        dataclasses.replace(spec, overrides=(*spec.overrides, f"training.max_train_rows={new_rows[spec.name]}"))
+        spec.with_overrides({"training": {"max_train_rows": new_rows[spec.name]}})
         if spec.name in new_rows else spec
         for spec in profile.models if spec.name not in dropped)
     return dataclasses.replace(profile, models=models), lines
@@ -147,7 +147,7 @@ def plan(profile: Profile, costs: list[MemberCost], budget_s: float, spent_s: fl
 
 def fit_to_budget(profile: Profile, budget_s: float, log=print) -> Profile:
     """Probe every neural member of ``profile`` and return it sized to ``budget_s`` (printing the plan)."""
-    neural = [s for s in profile.models if _job_config(s).family != "features"]
+    neural = [s for s in profile.models if s.family.neural]
     log(f"sizing '{profile.name}' to {budget_s / 60:.0f} minutes: probing {len(neural)} neural member(s) ...")
     t0 = time.perf_counter()
     probes = {s.name: run_probe(s, profile.data.labelled[0]) for s in neural}

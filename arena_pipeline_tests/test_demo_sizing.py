@@ -17,8 +17,7 @@ def probes(minilm_train: float, smollm_train: float, precision: str = "fp32",
 def rows_of(profile) -> dict[str, int | None]:
     out = {}
     for spec in profile.models:
-        caps = [o.split("=", 1)[1] for o in spec.overrides if o.startswith("training.max_train_rows=")]
-        out[spec.name] = int(caps[-1]) if caps else None
+        out[spec.name] = spec.overrides.get("training", {}).get("max_train_rows")
     return out
 
 

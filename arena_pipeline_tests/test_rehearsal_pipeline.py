@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from arena_pipeline.config import ACCELERATE_DIR, FULL, REHEARSAL, REPO_ROOT, VLLM_FALLBACK, VLLM_PYTHON, rehearsal_of
+from arena_pipeline.config import ACCELERATE_DIR, FULL, REHEARSAL, REPO_ROOT, VLLM_FALLBACK, VLLM_PYTHON, load_profile
 from arena_pipeline.resources.launcher import JobLauncher, multi_process
 from gpu_jobs.contract.turns import parse_turns
 
@@ -38,7 +38,7 @@ def test_rehearsal_prompts_include_two_and_three_turn_conversations_and_all_are_
 
 
 def test_rehearsal_generates_with_vllm_where_its_environment_exists_else_says_so():
-    with_vllm, without = rehearsal_of(FULL, vllm=True), rehearsal_of(FULL, vllm=False)
+    with_vllm, without = load_profile("rehearsal", vllm=True), load_profile("rehearsal", vllm=False)
     assert with_vllm.generate_backend == FULL.generate_backend == "vllm"
     assert with_vllm.generator_model == without.generator_model == "tiny:llama3"
     assert not any(d.startswith("generate_backend") for d in with_vllm.differences)

@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/orchestration_overhead.py [--models features cross_encoder_minilm] [--repeats 2]
 
-Both sides run the same job of the smoke profile (``arena_pipeline.config.SMOKE``: its config and ``--set``
-overrides) on the same ``processed_folds.parquet``, fold 0:
+Both sides run the same job of the smoke profile (``arena_pipeline.config.SMOKE``: its one resolved config
+file) on the same ``processed_folds.parquet``, fold 0:
 
 - bare: ``python -m accelerate.commands.launch --config_file cpu_single.yaml -m gpu_jobs.train ...`` as a
   subprocess, nothing else;

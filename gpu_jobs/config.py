@@ -1,230 +1,51 @@
-"""One dataclass config per model family, loaded from YAML with dotted overrides and validated up front.
+"""Typed job configs: one pydantic model per model family, loaded from YAML with overrides, validated up front.
 
     cfg = load_config("gpu_jobs/configs/cross_encoder_minilm.yaml", ["training.lr=2e-4", "tta=true"])
+    cfg = load_config("gpu_jobs/configs/cross_encoder_minilm.yaml", {"training": {"lr": 2e-4}})  # same
     cfg.to_dict()   # full resolved config: saved as model/config.yaml and logged as params
 
 Every problem (unknown key, wrong type, impossible value) raises ``ValueError`` naming the YAML file and
-the dotted key, before any model is loaded. Override values are parsed as YAML (``1e-4`` -> float,
-``true`` -> bool, ``null`` -> None, ``[q_proj, v_proj]`` -> list).
+the dotted key (``<file>: key 'training.lr': ...``), before any model is loaded: pydantic's
+``ValidationError`` locations are turned into that form by :func:`validate_model`. Override values given as
+``key.sub=value`` strings (the jobs' ``--set``) are parsed as YAML (``1e-4`` -> float, ``true`` -> bool,
+``null`` -> None, ``[q_proj, v_proj]`` -> list); a mapping of overrides is deep-merged as it is.
+
+Which config class a file gets is decided by its ``family`` key through the family registry
+(``gpu_jobs.models.registry``); the classes of the neural families live here, the ``features`` family's in
+``gpu_jobs/models/features.py``. Types are strict (no ``"3"`` for an int, no ``1`` for a bool); a float
+accepts an int and a numeric string (YAML 1.1 reads ``1e-4`` without a dot as a string).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from gpu_jobs.precision import PRECISIONS
 
-try:  # the neural families must not depend on the features module (its own dependencies, its own bugs)
-    from gpu_jobs.models.features import FeaturesConfig
 
-    _FEATURES_ERROR = ""
-except Exception as exc:  # noqa: BLE001  # pragma: no cover
-    FeaturesConfig = None  # type: ignore[assignment,misc]
-    _FEATURES_ERROR = f"{type(exc).__name__}: {exc}"
+# --------------------------------------------------------------------------------------------- types
+def _number(value: Any) -> Any:
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
-FAMILIES = ("cross_encoder", "llm_classifier", "features")
+
+Float = Annotated[float, BeforeValidator(_number), Strict()]
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")  # auto: the job's resolved precision
-
-
-@dataclass
-class TrainingConfig:
-    max_length: int = 512
-    epochs: int = 1
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-4
-    head_lr: float | None = None  # None: same as lr
-    weight_decay: float = 0.01
-    warmup_steps: int = 10
-    scheduler: str = "cosine"
-    optimizer: str = "adamw"  # the recipe's paged AdamW 8-bit is "paged_adamw_8bit" (bitsandbytes, GPU)
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
-    attention_dropout: float | None = 0.0  # None: keep the checkpoint's value
-    group_by_length: bool = True
-    swap_augment: bool = False  # also train on every row with A and B swapped
-    max_train_rows: int | None = None  # seeded subsample of the training rows (smoke runs)
-    checkpoint_every_steps: int | None = None  # resumable checkpoints in OUT.ckpt/ every N optimiser steps
-
-
-@dataclass
-class InferenceConfig:
-    max_length: int = 512
-    batch_size: int = 16
-
-
-@dataclass
-class TextConfig:
-    truncation_side: str = "left"  # left: drop the earliest turns first; right: drop the latest
-    max_chars_per_part: int = 0  # pre-tokenisation cut per part (0: 12 x max_length characters)
-
-
-@dataclass
-class LoraSection:
-    r: int = 64
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-
-
-@dataclass
-class QuantizationSection:
-    load_in_4bit: bool = False
-    bnb_4bit_quant_type: str = "nf4"
-    bnb_4bit_use_double_quant: bool = True
-    compute_dtype: str = "auto"
-
-
-@dataclass
-class _NeuralConfig:
-    family: str = ""
-    name: str = ""
-    model_name: str = ""
-    seed: int = 42
-    tta: bool = False
-    # auto | bf16 | fp16 | fp32: autocast for training and prediction, resolved against the hardware by
-    # gpu_jobs.precision (auto = the fastest precision it runs natively)
-    precision: str = "auto"
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
-    text: TextConfig = field(default_factory=TextConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def validate(self, source: str) -> None:
-        t = self.training
-        checks = [
-            ("model_name", bool(self.model_name), "must name a model (pypi:<package>, hub id or local path)"),
-            ("precision", self.precision in PRECISIONS, f"must be one of {PRECISIONS}"),
-            ("training.max_length", t.max_length >= 16, "must be >= 16"),
-            ("training.epochs", t.epochs >= 1, "must be >= 1"),
-            ("training.batch_size", t.batch_size >= 1, "must be >= 1"),
-            ("training.grad_accum", t.grad_accum >= 1, "must be >= 1"),
-            ("training.lr", t.lr > 0, "must be > 0"),
-            ("training.head_lr", t.head_lr is None or t.head_lr > 0, "must be > 0 or null"),
-            ("training.weight_decay", t.weight_decay >= 0, "must be >= 0"),
-            ("training.warmup_steps", t.warmup_steps >= 0, "must be >= 0"),
-            ("training.scheduler", t.scheduler in SCHEDULERS, f"must be one of {SCHEDULERS}"),
-            ("training.optimizer", t.optimizer in OPTIMIZERS, f"must be one of {OPTIMIZERS}"),
-            ("training.max_grad_norm", t.max_grad_norm > 0, "must be > 0"),
-            ("training.attention_dropout", t.attention_dropout is None or 0 <= t.attention_dropout < 1,
-             "must be in [0, 1) or null"),
-            ("training.max_train_rows", t.max_train_rows is None or t.max_train_rows >= 1, "must be >= 1 or null"),
-            ("training.checkpoint_every_steps", t.checkpoint_every_steps is None or t.checkpoint_every_steps >= 1,
-             "must be >= 1 or null"),
-            ("inference.max_length", self.inference.max_length >= 16, "must be >= 16"),
-            ("inference.batch_size", self.inference.batch_size >= 1, "must be >= 1"),
-            ("text.truncation_side", self.text.truncation_side in ("left", "right"), "must be 'left' or 'right'"),
-            ("text.max_chars_per_part", self.text.max_chars_per_part >= 0, "must be >= 0"),
-        ]
-        for key, ok, what in checks:
-            if not ok:
-                raise ValueError(_where(source, key) + f" {what}, got {_get(self, key)!r}")
-
-
-@dataclass
-class CrossEncoderConfig(_NeuralConfig):
-    family: str = "cross_encoder"
-
-
-@dataclass
-class LLMClassifierConfig(_NeuralConfig):
-    family: str = "llm_classifier"
-    lora: LoraSection | None = field(default_factory=LoraSection)  # null: full fine-tuning
-    quantization: QuantizationSection = field(default_factory=QuantizationSection)
-
-    def validate(self, source: str) -> None:
-        super().validate(source)
-        q = self.quantization
-        if self.lora is not None:
-            lo = self.lora
-            for key, ok, what in [
-                ("lora.r", lo.r >= 1, "must be >= 1"),
-                ("lora.alpha", lo.alpha >= 1, "must be >= 1"),
-                ("lora.dropout", 0 <= lo.dropout < 1, "must be in [0, 1)"),
-                ("lora.target_modules", len(lo.target_modules) > 0, "must list at least one module"),
-            ]:
-                if not ok:
-                    raise ValueError(_where(source, key) + f" {what}, got {_get(self, key)!r}")
-        if q.load_in_4bit and self.lora is None:
-            raise ValueError(_where(source, "quantization.load_in_4bit") +
-                             " 4-bit weights cannot be trained without LoRA; set a `lora:` section or load_in_4bit: false")
-        if q.bnb_4bit_quant_type not in ("nf4", "fp4"):
-            raise ValueError(_where(source, "quantization.bnb_4bit_quant_type") + f" must be 'nf4' or 'fp4', got {q.bnb_4bit_quant_type!r}")
-        if q.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(_where(source, "quantization.compute_dtype") + f" must be one of {COMPUTE_DTYPES}, got {q.compute_dtype!r}")
-
-
-FAMILY_CLASSES: dict[str, type] = {"cross_encoder": CrossEncoderConfig, "llm_classifier": LLMClassifierConfig}
-
-
-# --------------------------------------------------------------------------------------------- loading
-def _where(source: str, key: str) -> str:
-    return f"{source}: key '{key}':"
-
-
-def _get(obj: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _check_value(value: Any, tp: Any, source: str, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it (ints are accepted where floats are)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_value(value, arg, source, key)
-            except ValueError as exc:
-                errors.append(exc)
-        raise errors[0]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ValueError(_where(source, key) + f" must be a mapping, got {type(value).__name__} {value!r}")
-        return _build(tp, value, source, prefix=key + ".")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ValueError(_where(source, key) + f" must be a list, got {type(value).__name__} {value!r}")
-        return [_check_value(v, item_tp, source, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(_where(source, key) + f" must be a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(_where(source, key) + f" must be an integer, got {type(value).__name__} {value!r}")
-        return value
-    if tp in (bool, str):
-        if not isinstance(value, tp):
-            raise ValueError(_where(source, key) + f" must be a {tp.__name__}, got {type(value).__name__} {value!r}")
-        return value
-    raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # programming error, not a user error
-
 
 # keys that were renamed: a config that still uses one gets told the new name
 RENAMED = {"training.bf16": "the top-level key 'precision' (auto | bf16 | fp16 | fp32; auto asks the hardware)"}
@@ -232,20 +53,199 @@ RENAMED = {"training.bf16": "the top-level key 'precision' (auto | bf16 | fp16 |
 RESOLVED_KEY = "resolved"
 
 
-def _build(cls: type, data: dict, source: str, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if prefix + str(key) in RENAMED:
-            raise ValueError(_where(source, prefix + str(key)) + f" was replaced by {RENAMED[prefix + str(key)]}")
-        if key not in names:
-            raise ValueError(_where(source, prefix + str(key)) + f" unknown key; known keys here: {sorted(names)}")
-    kwargs = {k: _check_value(v, hints[k], source, prefix + k) for k, v in data.items()}
-    return cls(**kwargs)
+class ConfigKeyError(ValueError):
+    """A cross-field problem raised inside a validator, naming its key (relative to the model raising it)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key, self.message = key, message
 
 
-def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+class Section(BaseModel):
+    """A YAML mapping: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobConfig(Section):
+    """What every family's config has; ``family`` selects the class (``gpu_jobs.models.registry``)."""
+
+    family: str
+    name: Str = ""
+    seed: Int = 42
+    tta: Bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<config>", key_prefix: str = ""):
+        return validate_model(cls, data, source, key_prefix)
+
+
+# --------------------------------------------------------------------------------------------- neural families
+class TrainingConfig(Section):
+    max_length: Int = Field(512, ge=16)
+    epochs: Int = Field(1, ge=1)
+    batch_size: Int = Field(8, ge=1)
+    grad_accum: Int = Field(1, ge=1)
+    lr: Float = Field(1e-4, gt=0)
+    head_lr: Float | None = Field(None, gt=0)  # None: same as lr
+    weight_decay: Float = Field(0.01, ge=0)
+    warmup_steps: Int = Field(10, ge=0)
+    scheduler: Literal[SCHEDULERS] = "cosine"  # type: ignore[valid-type]
+    # the recipe's paged AdamW 8-bit is "paged_adamw_8bit" (bitsandbytes, GPU)
+    optimizer: Literal[OPTIMIZERS] = "adamw"  # type: ignore[valid-type]
+    max_grad_norm: Float = Field(1.0, gt=0)
+    gradient_checkpointing: Bool = False
+    attention_dropout: Float | None = Field(0.0, ge=0, lt=1)  # None: keep the checkpoint's value
+    group_by_length: Bool = True
+    swap_augment: Bool = False  # also train on every row with A and B swapped
+    max_train_rows: Int | None = Field(None, ge=1)  # seeded subsample of the training rows (smoke runs)
+    checkpoint_every_steps: Int | None = Field(None, ge=1)  # resumable checkpoints in OUT.ckpt/ every N steps
+
+
+class InferenceConfig(Section):
+    max_length: Int = Field(512, ge=16)
+    batch_size: Int = Field(16, ge=1)
+
+
+class TextConfig(Section):
+    truncation_side: Literal["left", "right"] = "left"  # left: drop the earliest turns first; right: the latest
+    max_chars_per_part: Int = Field(0, ge=0)  # pre-tokenisation cut per part (0: 12 x max_length characters)
+
+
+class LoraSection(Section):
+    r: Int = Field(64, ge=1)
+    alpha: Int = Field(16, ge=1)
+    dropout: Float = Field(0.05, ge=0, lt=1)
+    target_modules: list[Str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1)
+
+
+class QuantizationSection(Section):
+    load_in_4bit: Bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: Bool = True
+    compute_dtype: Literal[COMPUTE_DTYPES] = "auto"  # type: ignore[valid-type]
+
+
+class NeuralConfig(JobConfig):
+    """The shared config of the families trained by the shared accelerate loop (``gpu_jobs.train``)."""
+
+    model_name: Str = Field(min_length=1)  # pypi:<package>, hub id, tiny:<arch> or local path
+    tta: Bool = False
+    # auto | bf16 | fp16 | fp32: autocast for training and prediction, resolved against the hardware by
+    # gpu_jobs.precision (auto = the fastest precision it runs natively)
+    precision: Literal[PRECISIONS] = "auto"  # type: ignore[valid-type]
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+
+
+class CrossEncoderConfig(NeuralConfig):
+    family: Literal["cross_encoder"] = "cross_encoder"
+
+
+class LLMClassifierConfig(NeuralConfig):
+    family: Literal["llm_classifier"] = "llm_classifier"
+    lora: LoraSection | None = Field(default_factory=LoraSection)  # null: full fine-tuning
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+
+    @model_validator(mode="after")
+    def _four_bit_needs_lora(self):
+        if self.quantization.load_in_4bit and self.lora is None:
+            raise ConfigKeyError("quantization.load_in_4bit", "4-bit weights cannot be trained without LoRA; set a "
+                                 "`lora:` section or load_in_4bit: false")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- errors
+def _where(source: str, key: str) -> str:
+    return f"{source}: key '{key}':"
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _known_keys(cls: type, loc: tuple) -> list[str] | None:
+    """The keys a model accepts at ``loc`` (the mapping holding the unknown key), when it can be found."""
+    for part in loc:
+        field = getattr(cls, "model_fields", {}).get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if cls is None:
+            return None
+    return sorted(cls.model_fields) if hasattr(cls, "model_fields") else None
+
+
+def describe_errors(exc: ValidationError, cls: type, source: str, key_prefix: str = "") -> str:
+    """One line per problem: ``<source>: key '<dotted>': <what>, got <value>``."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, ConfigKeyError):
+            key, what = _dotted(loc + tuple(cause.key.split("."))), cause.message
+            lines.append(f"{_where(source, key_prefix + key)} {what}")
+            continue
+        key = key_prefix + _dotted(loc)
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(cls, loc[:-1])
+            lines.append(f"{_where(source, key)} unknown key" + (f"; known keys here: {known}" if known else ""))
+        elif err["type"] == "missing":
+            lines.append(f"{_where(source, key)} required, not given")
+        else:
+            what = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{_where(source, key)} {what}, got {err.get('input')!r}")
+    return "\n".join(lines)
+
+
+def _check_renamed(data: Any, source: str, key_prefix: str, prefix: str = "") -> None:
+    if not isinstance(data, Mapping):
+        return
+    for key, value in data.items():
+        dotted = prefix + str(key)
+        if dotted in RENAMED:
+            raise ValueError(_where(source, key_prefix + dotted) + f" was replaced by {RENAMED[dotted]}")
+        _check_renamed(value, source, key_prefix, dotted + ".")
+
+
+def validate_model(cls: type, data: Any, source: str, key_prefix: str = ""):
+    """``cls`` built from ``data``; any problem raises ``ValueError`` naming ``source`` and the dotted key."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{source}: {key_prefix.rstrip('.') or 'the config'} must be a YAML mapping, "
+                         f"got {type(data).__name__}")
+    _check_renamed(data, source, key_prefix)
+    try:
+        return cls.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ValueError(describe_errors(exc, cls, source, key_prefix)) from None
+
+
+# --------------------------------------------------------------------------------------------- loading
+def merge(base: Mapping, patch: Mapping) -> dict:
+    """``base`` with ``patch`` deep-merged into it (mappings merge key by key, anything else replaces)."""
+    out = dict(base)
+    for key, value in patch.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...], source: str) -> dict:
+    """``key.sub=value`` strings (values parsed as YAML) as one nested mapping."""
+    data: dict = {}
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"{source}: override {item!r} must look like key.sub=value")
@@ -255,52 +255,42 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ValueError(_where(source, key) + f" override value {raw!r} is not valid YAML: {exc}") from exc
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if node.get(part) is None:
-                node[part] = {}
-            if not isinstance(node[part], dict):
-                raise ValueError(_where(source, key) + f" '{part}' is not a section")
-            node = node[part]
-        node[parts[-1]] = value
+        node: Any = value
+        for part in reversed(key.split(".")):
+            node = {part: node}
+        data = merge(data, node)
     return data
 
 
-def config_from_dict(data: dict, source: str = "<config>"):
+def apply_overrides(data: dict, overrides, source: str) -> dict:
+    """``data`` with overrides applied: ``key.sub=value`` strings or a nested mapping."""
+    patch = overrides if isinstance(overrides, Mapping) else parse_overrides(list(overrides or []), source)
+    for key, value in patch.items():
+        if isinstance(value, Mapping) and key in data and not isinstance(data[key], Mapping) and data[key] is not None:
+            raise ValueError(_where(source, key) + f" '{key}' is not a section")
+    return merge(data, patch)
+
+
+def config_from_dict(data: Any, source: str = "<config>", key_prefix: str = ""):
     """Build and validate the family's config object from a plain dict (YAML contents)."""
-    if not isinstance(data, dict):
+    from gpu_jobs.models.registry import FAMILIES, get_family
+
+    if not isinstance(data, Mapping):
         raise ValueError(f"{source}: the config must be a YAML mapping, got {type(data).__name__}")
     data = {k: v for k, v in data.items() if k != RESOLVED_KEY}
     family = data.get("family")
     if family not in FAMILIES:
-        raise ValueError(_where(source, "family") + f" unknown family {family!r}; choose one of {FAMILIES}")
-    if family == "features":
-        data = _drop_checkpoint_setting(data, source)
-        if FeaturesConfig is None:
-            raise ValueError(_where(source, "family") + " the features family cannot be imported "
-                             f"(gpu_jobs/models/features.py): {_FEATURES_ERROR}")
-        try:
-            return FeaturesConfig.from_dict(data)
-        except ValueError as exc:
-            raise ValueError(f"{source}: {exc}") from exc
-    cfg = _build(FAMILY_CLASSES[family], data, source)
-    cfg.validate(source)
-    return cfg
+        raise ValueError(_where(source, key_prefix + "family") +
+                         f" unknown family {family!r}; choose one of {tuple(FAMILIES)}")
+    try:
+        config_class = get_family(family).config_class
+    except Exception as exc:  # noqa: BLE001  # a family module that cannot be imported is a config error here
+        raise ValueError(_where(source, key_prefix + "family") + f" the {family} family cannot be imported "
+                         f"({FAMILIES[family]}): {type(exc).__name__}: {exc}") from exc
+    return validate_model(config_class, data, source, key_prefix)
 
 
-def _drop_checkpoint_setting(data: dict, source: str) -> dict:
-    """The features family fits in seconds: ``training.checkpoint_every_steps`` is accepted (checked) and ignored."""
-    training = data.get("training")
-    if not isinstance(training, dict) or "checkpoint_every_steps" not in training:
-        return data
-    training = dict(training)
-    _check_value(training.pop("checkpoint_every_steps"), int | None, source, "training.checkpoint_every_steps")
-    return {**data, "training": training}
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None):
-    """Read a YAML config, apply ``key.sub=value`` overrides, validate; returns the family's config object."""
+def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: config file not found")
@@ -311,16 +301,21 @@ def load_config(path: str | Path, overrides: list[str] | None = None):
             raise ValueError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the config must be a YAML mapping, got {type(data).__name__}")
-    data = apply_overrides(data, overrides or [], str(path))
+    return data
+
+
+def load_config(path: str | Path, overrides=None):
+    """Read a YAML config, apply overrides (``key.sub=value`` strings or a nested mapping), validate;
+    returns the family's config object."""
+    path = Path(path)
+    data = apply_overrides(read_yaml(path), overrides or [], str(path))
     data.setdefault("name", path.stem)
     return config_from_dict(data, str(path))
 
 
 def config_to_dict(cfg) -> dict[str, Any]:
-    """Full resolved config of any family (the features config may not be a plain dataclass)."""
-    if hasattr(cfg, "to_dict"):
-        return cfg.to_dict()
-    return dataclasses.asdict(cfg)
+    """Full resolved config of any family."""
+    return cfg.to_dict()
 
 
 def save_config(cfg, path: Path, resolved: dict | None = None) -> None:

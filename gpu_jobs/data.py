@@ -31,6 +31,16 @@ TAGS = ("<PROMPT>", "</PROMPT>", "<RESPONSE A>", "</RESPONSE A>", "<RESPONSE B>"
 
 
 # ------------------------------------------------------------------------------------------ reading
+def prediction_frame(ids: pd.Series, probs: np.ndarray, folds: pd.Series | None = None) -> pd.DataFrame:
+    """The prediction contract: ``id`` (str), optional ``fold``, then ``p_a``, ``p_b``, ``p_tie`` (float64)."""
+    out = pd.DataFrame({"id": ids.astype(str).to_numpy()})
+    if folds is not None:
+        out["fold"] = folds.to_numpy().astype(np.int64)
+    for j, col in enumerate(PROB_COLUMNS):
+        out[col] = probs[:, j].astype(np.float64)
+    return out
+
+
 def read_frame(path: str | Path, require_labels: bool = False) -> pd.DataFrame:
     """Read a pairs parquet and check the columns the jobs need (errors name the file and column)."""
     path = Path(path)

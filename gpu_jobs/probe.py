@@ -23,6 +23,7 @@ import torch
 
 from gpu_jobs import data as D
 from gpu_jobs.config import load_config
+from gpu_jobs.models.registry import family_of
 from gpu_jobs.precision import resolve
 
 
@@ -40,22 +41,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def probe(cfg, frame, accelerator) -> dict:
-    from gpu_jobs.predict import predict_loaded
-    from gpu_jobs.train import fit_neural
-
+    family = family_of(cfg)
     rows = len(frame) // 2
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         history_path = Path(tmp) / "history.jsonl"
-        model, tokenizer, stats = fit_neural(cfg, frame, D.targets(frame), D.sample_weights(frame), accelerator,
+        model, tokenizer, stats = family.fit(cfg, frame, D.targets(frame), D.sample_weights(frame), accelerator,
                                              history_path)
         elapsed = [json.loads(line)["elapsed_s"] for line in history_path.read_text().splitlines()]
     total_s = time.perf_counter() - t0
     second_step_s = elapsed[-1] - elapsed[-2]
     half = frame.head(rows)
-    predict_loaded(cfg, model, tokenizer, half, accelerator=accelerator)  # warm-up
+    family.predict(cfg, model, tokenizer, half, accelerator=accelerator)  # warm-up
     t1 = time.perf_counter()
-    predict_loaded(cfg, model, tokenizer, half, accelerator=accelerator)
+    family.predict(cfg, model, tokenizer, half, accelerator=accelerator)
     predict_s = time.perf_counter() - t1
     return {"load_s": round(total_s - second_step_s, 2), "train_s_per_example": second_step_s / rows,
             "predict_s_per_example": predict_s / rows}
@@ -63,12 +62,13 @@ def probe(cfg, frame, accelerator) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    asked = load_config(args.config, args.overrides)
+    if not family_of(asked).neural:
+        raise SystemExit(f"gpu_jobs.probe: the {asked.family} family fits in seconds; there is nothing to probe")
     cfg = load_config(args.config, [*args.overrides, f"training.batch_size={args.rows}", "training.epochs=1",
                                     "training.group_by_length=false",
                                     "training.grad_accum=1", "training.warmup_steps=0", "training.max_train_rows=null",
                                     "training.swap_augment=false", "training.checkpoint_every_steps=null"])
-    if cfg.family == "features":
-        raise SystemExit("gpu_jobs.probe: the features family fits in seconds; there is nothing to probe")
     from accelerate import Accelerator
 
     precision = resolve(cfg.precision)

@@ -14,8 +14,9 @@ completion marker; the last 2 are kept). A job re-launched with the same argumen
 complete checkpoint, and ``OUT.ckpt`` is removed once ``OUT`` is published.
 
 The neural families share one loop: an ``accelerate.Accelerator`` does device placement, autocast in the
-precision the hardware runs natively (``precision: auto``, resolved by ``gpu_jobs.precision``), gradient accumulation and process groups; the rest is plain PyTorch. The
-``features`` family is fitted and applied by the main process, no loop.
+precision the hardware runs natively (``precision: auto``, resolved by ``gpu_jobs.precision``), gradient accumulation and process groups; the rest is plain PyTorch. A
+non-neural family (``features``) is fitted and applied by the main process, no loop. Each family's fit,
+save and predict come from the registry (``gpu_jobs.models.registry``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from gpu_jobs.contract.atomic import atomic_write_parquet, fsync_dir, publish_di
 from gpu_jobs.contract.metrics import accuracy, log_loss, per_class_loss
 from gpu_jobs.contract.pipes import clean_metadata, open_pipes
 from gpu_jobs.precision import Precision, hardware_summary, resolve
-from gpu_jobs.predict import family_module, predict_loaded, prediction_frame
+from gpu_jobs.data import prediction_frame
+from gpu_jobs.models.registry import family_of
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -297,8 +299,8 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
     from transformers import get_scheduler
 
     t = cfg.training
-    module = family_module(cfg.family)
-    model, tokenizer = module.build(cfg, device=accelerator.device)
+    family = family_of(cfg)
+    model, tokenizer = family.build(cfg, device=accelerator.device)
 
     ids = D.encode_frame(train_df, tokenizer, t.max_length, cfg.text.truncation_side,
                          max_chars_per_part=cfg.text.max_chars_per_part)
@@ -310,7 +312,7 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
 
     # counted on the whole (unsharded) loader: accelerate steps a prepared scheduler once per process
     total_steps = math.ceil(len(loader) / t.grad_accum) * t.epochs
-    optimizer = make_optimizer(model, cfg, module.HEAD_NAMES)
+    optimizer = make_optimizer(model, cfg, family.head_names)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:  # a batch sampler leaves loader.batch_size None, which DeepSpeed's "auto" needs
@@ -406,16 +408,6 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
     return model, tokenizer, stats
 
 
-def fit_features(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray):
-    from gpu_jobs.models.features import FeaturesModel
-
-    t0 = time.perf_counter()
-    model = FeaturesModel(cfg).fit(train_df, y, sample_weight=w)
-    train_s = time.perf_counter() - t0
-    return model, {"train_examples_per_s": len(train_df) / max(train_s, 1e-9), "train_s": train_s, "n_steps": 0,
-                   "resumed_from_step": 0, "first_train_loss": None, "final_train_loss": None}
-
-
 # ------------------------------------------------------------------------------------------ the job
 def run(args: argparse.Namespace, cfg, accelerator, pipes, precision: Precision | None = None) -> dict:
     t_start = time.perf_counter()
@@ -433,7 +425,8 @@ def run(args: argparse.Namespace, cfg, accelerator, pipes, precision: Precision 
     set_seed(cfg.seed)
     frame = D.read_frame(args.data)
     train_df, val_df = D.split_fold(frame, args.fold, str(args.data))
-    training = getattr(cfg, "training", None)  # the features config may have no training section
+    family = family_of(cfg)
+    training = getattr(cfg, "training", None)  # a non-neural family's config may have no training section
     cap = getattr(training, "max_train_rows", None)
     if cap and len(train_df) > cap:
         train_df = train_df.sample(n=cap, random_state=cfg.seed).reset_index(drop=True)
@@ -449,36 +442,31 @@ def run(args: argparse.Namespace, cfg, accelerator, pipes, precision: Precision 
         resolved.update(precision=precision.name, precision_reason=precision.reason)
         pipes.log.info(f"{cfg.name}: {precision.describe()}; {resolved['hardware']}")
 
-    if cfg.family == "features":
-        model, tokenizer, stats = None, None, {}
-        if main_proc:  # cheap: the main process fits it, the other ranks wait
-            model, stats = fit_features(cfg, train_df, y, w)
-            (partial / "history.jsonl").touch()
-    else:
-        every = cfg.training.checkpoint_every_steps
+    # a neural family trains on every process (the shared loop); any other is cheap: the main process fits it
+    # and the other ranks wait
+    model, tokenizer, stats = None, None, {}
+    if family.neural or main_proc:
+        every = getattr(training, "checkpoint_every_steps", None) if family.neural else None
         checkpointer = None
         if every:
             fingerprint = job_fingerprint(cfg, Path(args.data), args.fold, accelerator.num_processes)
             checkpointer = Checkpointer(accelerator, checkpoint_dir(out), every, fingerprint)
-        model, tokenizer, stats = fit_neural(cfg, train_df, y, w, accelerator,
+        model, tokenizer, stats = family.fit(cfg, train_df, y, w, accelerator,
                                              partial / "history.jsonl" if main_proc else None,
                                              checkpointer=checkpointer, log=pipes.log,
                                              report=pipes.report_custom_message)
 
     if main_proc:  # save the model before predicting: a crash in prediction should not lose it
-        if cfg.family == "features":
-            model.save(partial / "model")
-        else:
-            family_module(cfg.family).save(model, tokenizer, partial / "model")
+        family.save(model, tokenizer, partial / "model")
         save_config(cfg, partial / "model" / "config.yaml", resolved=resolved)
 
     # ---- prediction: the validation fold and every --predict file, plus TTA twins
-    do_predict = cfg.family != "features" or main_proc
+    do_predict = family.neural or main_proc
     t_pred, n_pred = time.perf_counter(), 0
     results: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     if do_predict:
         for name, df in [("oof", val_df), *extra.items()]:
-            results[name] = predict_loaded(cfg, model, tokenizer, df, tta=cfg.tta, accelerator=accelerator,
+            results[name] = family.predict(cfg, model, tokenizer, df, tta=cfg.tta, accelerator=accelerator,
                                            progress=True)
             n_pred += len(df) * (2 if cfg.tta else 1)
     predict_s = time.perf_counter() - t_pred
@@ -527,7 +515,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)  # every config error surfaces here, before any model loads
     from accelerate import Accelerator
 
-    neural = cfg.family != "features"
+    neural = family_of(cfg).neural
     precision = resolve(cfg.precision) if neural else None
     if precision is not None and precision.warning:
         print(f"gpu_jobs.train: {precision.warning}", file=sys.stderr, flush=True)

@@ -81,18 +81,17 @@ import pandas as pd
 import torch
 
 from arena_pipeline.config import REHEARSAL, SHIPPED
-from gpu_jobs.config import load_config
-from gpu_jobs.predict import family_module
+from gpu_jobs.models.registry import family_of
 
 out, device = Path(sys.argv[1]), torch.device(sys.argv[2])
 pairs = pd.read_parquet(SHIPPED / "arena_bench_pairs.parquet").sample(912, random_state=0).reset_index(drop=True)
 pairs.head(400).assign(fold=np.arange(400) % 4).to_parquet(out / "train.parquet")
 pairs.tail(512).drop(columns=["winner_model_a", "winner_model_b", "winner_tie"]).to_parquet(out / "predict.parquet")
 for spec in REHEARSAL.models:
-    if spec.name == "features":
+    if not spec.family.neural:
         continue
-    cfg = load_config(spec.config_path, list(spec.overrides))
-    model, _ = family_module(cfg.family).build(cfg, device=device)
+    cfg = spec.job_config()
+    model, _ = family_of(cfg).build(cfg, device=device)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     print(f"gpu_check: {spec.name} ({cfg.model_name}): attention '{base.config._attn_implementation}', "
           f"4-bit {bool(getattr(base, 'is_loaded_in_4bit', False))}, "

@@ -11,13 +11,16 @@ import json
 import dagster as dg
 import numpy as np
 import pandas as pd
+import yaml
 
 from arena_pipeline.config import Profile
 from arena_pipeline.data.clean import clean_frame
 from arena_pipeline.resources.launcher import JobLauncher, vllm_available
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_parquet, file_version
 from arena_pipeline.resources.tracking import MlflowTracking
+from gpu_jobs.contract.atomic import atomic_write_text
 from gpu_jobs.contract.turns import parse_turns
+from gpu_jobs.generate import GenerateConfig as GenerateJobConfig
 
 GROUP = "pseudo_labelling"
 
@@ -67,9 +70,13 @@ def build_completion_assets(profile: Profile) -> list[dg.AssetsDefinition]:
             raise dg.Failure("backend 'vllm' asked for, but no generation environment exists: run "
                              "`make vllm-env` (scripts/setup_vllm_env.sh) or use backend 'transformers'")
         out = storage.data("generated_completions")
-        args = ["--backend", backend, "--model", config.model, "--prompts", str(storage.data("raw_prompts")),
-                "--output", str(out), "--max-new-tokens", str(config.max_new_tokens),
-                "--temperature", str(config.temperature), "--top-p", str(config.top_p), "--seed", str(config.seed)]
+        # the job's one config file (gpu_jobs.generate.GenerateConfig), validated here before the launch
+        job_config = GenerateJobConfig(backend=backend, model=config.model, prompts=str(storage.data("raw_prompts")),
+                                       output=str(out), max_new_tokens=config.max_new_tokens,
+                                       temperature=config.temperature, top_p=config.top_p, seed=config.seed)
+        config_path = atomic_write_text(yaml.safe_dump(job_config.model_dump(exclude_none=True), sort_keys=False),
+                                        storage.scratch("generation") / "generate.yaml")
+        args = ["--config", str(config_path)]
         with mlflow.job_run(context, stage="generation", model=config.model, fold=-1, kind="generation",
                             params={"backend": backend, "max_new_tokens": config.max_new_tokens,
                                     "temperature": config.temperature, "top_p": config.top_p, "seed": config.seed}) as run:

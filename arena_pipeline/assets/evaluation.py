@@ -240,7 +240,7 @@ def build_evaluation_asset(profile: Profile) -> dg.AssetsDefinition:
             data = atomic_write_parquet(frame, storage.scratch("loso") / f"{source}.parquet")
             for model_spec in profile.models:
                 out = storage.root / "loso" / source / model_spec.name
-                launcher.run(context, "gpu_jobs.train", job_args(model_spec, HELD_OUT_FOLD, data, out, ["tta=true"]),
+                launcher.run(context, "gpu_jobs.train", job_args(model_spec, HELD_OUT_FOLD, data, out, {"tta": True}),
                              extras={"loso_source": source, "model": model_spec.name}, **model_spec.launch_options)
             held_out[source] = held_out_predictions(storage, profile, frame, source)
         results, pngs = loso_report(held_out, stage1_fit_rows(storage, profile, processed), storage.scratch("plots"))

@@ -33,11 +33,16 @@ def oof_asset_name(stage: str, model: str) -> str:
     return f"{stage}_oof_{model}"
 
 
-def job_args(spec: ModelSpec, fold: int, data: Path, out: Path, extra: list[str] = ()) -> list[str]:
-    args = ["--config", str(spec.config_path), "--fold", str(fold), "--data", str(data), "--output-dir", str(out)]
-    for override in (*spec.overrides, *extra):
-        args += ["--set", override]
-    return args
+def job_config_path(out: Path) -> Path:
+    """Where a job's one resolved config file goes: next to its output folder (``OUT.config.yaml``)."""
+    return out.with_name(out.name + ".config.yaml")
+
+
+def job_args(spec: ModelSpec, fold: int, data: Path, out: Path, extra=()) -> list[str]:
+    """``gpu_jobs.train`` arguments: the member's resolved config (base YAML + the profile's overrides +
+    ``extra``, validated) written to one file, passed as ``--config``."""
+    config = spec.write_config(job_config_path(out), extra)
+    return ["--config", str(config), "--fold", str(fold), "--data", str(data), "--output-dir", str(out)]
 
 
 def read_history(out: Path) -> list[dict]:
@@ -91,7 +96,7 @@ def build_oof_asset(stage: str, spec: ModelSpec, profile: Profile) -> dg.AssetsD
         partitions_def=fold_partitions(profile),
         backfill_policy=dg.BackfillPolicy.single_run(),
         pool="gpu",
-        kinds={"pytorch" if "features" not in spec.name else "scikitlearn", "mlflow"},
+        kinds={*spec.family.kinds, "mlflow"},
         description=f"{stage} out-of-fold predictions of '{spec.name}' ({spec.config}); one partition per fold. "
                     "Each fold trains in its own `accelerate launch -m gpu_jobs.train` process.",
         tags={"stage": stage, "model": spec.name},
@@ -112,7 +117,7 @@ def build_oof_asset(stage: str, spec: ModelSpec, profile: Profile) -> dg.AssetsD
             shutil.rmtree(out, ignore_errors=True)  # a stale result must never pass for this run's
             data_version = file_version(Path(data))
             with mlflow.job_run(context, stage=stage, model=spec.name, fold=fold,
-                                params={"config_file": str(spec.config_path), "overrides": list(spec.overrides)},
+                                params={"config_file": str(spec.config_path), "overrides": spec.override_items()},
                                 tags={"data_version": data_version}) as run:
                 result = launcher.run(context, "gpu_jobs.train", job_args(spec, fold, data, out),
                                       extras={"stage": stage, "model": spec.name, "fold": fold},

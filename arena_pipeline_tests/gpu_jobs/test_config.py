@@ -96,3 +96,34 @@ def test_errors_in_the_yaml_file_itself(tmp_path):
         load_config(MINILM, ["training.lr"])
     with pytest.raises(ValueError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+# ------------------------------------------------------------------------------------------ family registry
+def test_the_registry_lists_the_three_families_each_behind_the_protocol():
+    from gpu_jobs.models.registry import FAMILIES, ModelFamily, family_names, get_family
+
+    assert family_names() == list(FAMILIES) == ["features", "cross_encoder", "llm_classifier"]
+    for name in family_names():
+        family = get_family(name)
+        assert isinstance(family, ModelFamily) and family.name == name
+        assert family.config_class.model_fields["family"].default == name
+    assert not get_family("features").neural and get_family("features").kinds == {"scikitlearn"}
+    assert get_family("cross_encoder").neural and get_family("llm_classifier").kinds == {"pytorch"}
+    assert isinstance(load_config(MINILM), get_family("cross_encoder").config_class)
+    with pytest.raises(ValueError, match="unknown model family 'bi_encoderr'"):
+        get_family("bi_encoderr")
+
+
+def test_a_family_name_typo_in_a_model_config_names_the_file(tmp_path):
+    typo = tmp_path / "my_model.yaml"
+    typo.write_text(MINILM.read_text().replace("family: cross_encoder", "family: cross_encodr"))
+    with pytest.raises(ValueError) as err:
+        load_config(typo)
+    assert f"{typo}: key 'family': unknown family 'cross_encodr'" in str(err.value)
+    assert "cross_encoder" in str(err.value)  # the choices are listed
+
+
+def test_a_nested_mapping_of_overrides_is_the_same_as_dotted_strings():
+    nested = load_config(SMOLLM, {"training": {"lr": 3e-4, "head_lr": None}, "lora": {"r": 8}, "tta": False})
+    dotted = load_config(SMOLLM, ["training.lr=3e-4", "training.head_lr=null", "lora.r=8", "tta=false"])
+    assert nested.to_dict() == dotted.to_dict() and nested.lora.alpha == 32  # merged, not replaced

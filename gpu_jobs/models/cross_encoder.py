@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
+from gpu_jobs.config import CrossEncoderConfig
 from gpu_jobs.models.loading import resolve_model
+from gpu_jobs.models.neural import NeuralFamily
 
 HEAD_NAMES = ("classifier", "pooler", "score")
 LABELS = {0: "A", 1: "B", 2: "tie"}
@@ -20,6 +19,8 @@ DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
 
 
 def _model_config(path: str, attention_dropout: float | None):
+    from transformers import AutoConfig
+
     config = AutoConfig.from_pretrained(path, num_labels=3, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
     if attention_dropout is not None:
         for key in DROPOUT_KEYS:
@@ -30,6 +31,9 @@ def _model_config(path: str, attention_dropout: float | None):
 
 def build(cfg, device=None):
     """Pretrained encoder + fresh 3-class head, and its tokenizer (for training)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     path = resolve_model(cfg.model_name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     config = _model_config(path, cfg.training.attention_dropout)
@@ -46,6 +50,13 @@ def save(model, tokenizer, model_dir: Path) -> None:
 
 def load(model_dir: Path, cfg, device=None):
     """The trained classifier from a model directory, in eval mode."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
     return model.eval(), tokenizer
+
+
+FAMILY = NeuralFamily("cross_encoder", CrossEncoderConfig, build=build, save_fn=save, load_fn=load,
+                      head_names=HEAD_NAMES)

@@ -30,23 +30,24 @@ prompt; ``features_hgb.yaml`` uses all.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from pydantic import Field, field_validator, model_validator
+
+from gpu_jobs.config import Bool, ConfigKeyError, Float, Int, JobConfig, Str, read_yaml, validate_model
 from gpu_jobs.contract.atomic import atomic_path, atomic_write_text
 from gpu_jobs.contract.schema import TEXT_COLUMNS
 from gpu_jobs.contract.swap import SWAP_PERMUTATION, swap_frame  # noqa: F401  (re-exported for callers)
 from gpu_jobs.contract.turns import TurnsError, parse_turns_fixes
 
-FAMILY = "features"
+FAMILY_NAME = "features"
 MODEL_FILE = "features_model.skops"
 # types skops does not trust by default that a features model legitimately holds
 TRUSTED_TYPES = ("sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",)
@@ -55,162 +56,105 @@ TRUSTED_TYPES = ("sklearn.ensemble._hist_gradient_boosting.predictor.TreePredict
 # --------------------------------------------------------------------------------------------- config
 
 
-@dataclass
-class FeaturesConfig:
-    """Configuration of the ``features`` family (``gpu_jobs/configs/features.yaml``)."""
+class FeaturesConfig(JobConfig):
+    """Configuration of the ``features`` family (``gpu_jobs/configs/features.yaml``).
 
-    family: str = FAMILY
-    name: str = "features"
-    seed: int = 42
-    tta: bool = True
-    model: str = "logistic"  # "logistic" | "hgb"
-    swap_augment: bool = True
-    symmetrize: bool = True
-    n_threads: int = 1  # BLAS / OpenMP threads while fitting and predicting (0: the libraries' default)
+    Nested sections (``features:``, ``training:``, ``model_args:``, as other families write them) are flattened;
+    ``training.checkpoint_every_steps`` is accepted (checked) and ignored: the family fits in seconds."""
+
+    family: Literal["features"] = FAMILY_NAME
+    name: Str = "features"
+    seed: Int = 42
+    tta: Bool = True
+    model: Literal["logistic", "hgb"] = "logistic"
+    swap_augment: Bool = True
+    symmetrize: Bool = True
+    n_threads: Int = Field(1, ge=0)  # BLAS / OpenMP threads while fitting and predicting (0: the libraries' default)
     # hand-made features (groups: length, repetition, structure, refusal, quality, overlap, similarity, prompt)
-    dense_features: bool = True
-    feature_groups: tuple[str, ...] = ("length", "repetition", "similarity", "prompt")
-    feature_clip: float = 3.0  # standardised dense features are clipped to +-this (limits extrapolation)
-    interactions: tuple[str, ...] = ()  # symmetric features that multiply every antisymmetric dense feature
+    dense_features: Bool = True
+    feature_groups: tuple[Str, ...] = ("length", "repetition", "similarity", "prompt")
+    feature_clip: Float = Field(3.0, gt=0)  # standardised dense features are clipped to +-this (limits extrapolation)
+    interactions: tuple[Str, ...] = ()  # symmetric features that multiply every antisymmetric dense feature
     # TF-IDF on the responses, as the A - B difference
-    tfidf_word: bool = False
-    tfidf_word_ngram: tuple[int, int] = (1, 2)
-    tfidf_word_max_features: int = 20000
-    tfidf_char: bool = False
-    tfidf_char_ngram: tuple[int, int] = (3, 5)
-    tfidf_char_max_features: int = 30000
-    tfidf_min_df: int = 3
-    tfidf_max_chars: int = 6000  # each response is cut to this many characters before TF-IDF
-    tfidf_weight: float = 1.0  # scale of the TF-IDF block relative to the standardised dense block
+    tfidf_word: Bool = False
+    tfidf_word_ngram: tuple[Int, Int] = (1, 2)
+    tfidf_word_max_features: Int = Field(20000, ge=1)
+    tfidf_char: Bool = False
+    tfidf_char_ngram: tuple[Int, Int] = (3, 5)
+    tfidf_char_max_features: Int = Field(30000, ge=1)
+    tfidf_min_df: Int = Field(3, ge=1)
+    tfidf_max_chars: Int = Field(6000, ge=1)  # each response is cut to this many characters before TF-IDF
+    tfidf_weight: Float = Field(1.0, ge=0)  # scale of the TF-IDF block relative to the standardised dense block
     # sentence embeddings (a bi-encoder view): cos(prompt, A) - cos(prompt, B), cos(A, B) and, with
     # embedding_vectors, the difference of the two response vectors; "" turns the block off
-    embedding_model: str = ""
-    embedding_max_length: int = 256
-    embedding_batch_size: int = 32
-    embedding_vectors: bool = True
-    embedding_threads: int = 0  # torch threads while embedding (0: all cores)
+    embedding_model: Str = ""
+    embedding_max_length: Int = Field(256, ge=1)
+    embedding_batch_size: Int = Field(32, ge=1)
+    embedding_vectors: Bool = True
+    embedding_threads: Int = 0  # torch threads while embedding (0: all cores)
     # logistic regression
-    C: float = 0.001
-    max_iter: int = 2000
-    tol: float = 1e-4
+    C: Float = Field(0.001, gt=0)
+    max_iter: Int = Field(2000, ge=1)
+    tol: Float = Field(1e-4, gt=0)
     # histogram gradient boosting (model: hgb)
-    hgb_max_iter: int = 300
-    hgb_learning_rate: float = 0.05
-    hgb_max_leaf_nodes: int = 15
-    hgb_min_samples_leaf: int = 40
-    hgb_l2_regularization: float = 1.0
-    hgb_svd_components: int = 32  # TF-IDF difference reduced to this many components for the trees
+    hgb_max_iter: Int = Field(300, ge=1)
+    hgb_learning_rate: Float = Field(0.05, gt=0)
+    hgb_max_leaf_nodes: Int = Field(15, ge=2)
+    hgb_min_samples_leaf: Int = Field(40, ge=1)
+    hgb_l2_regularization: Float = Field(1.0, ge=0)
+    hgb_svd_components: Int = Field(32, ge=0)  # TF-IDF difference reduced to this many components for the trees
 
-    _TUPLES = ("tfidf_word_ngram", "tfidf_char_ngram")
-
+    @model_validator(mode="before")
     @classmethod
-    def from_dict(cls, d: dict) -> "FeaturesConfig":
-        if not isinstance(d, dict):
-            raise ValueError(f"features config must be a mapping, got {type(d).__name__}")
-        d = dict(d)
-        # nested sections (e.g. `training:` / `model_args:` as other families write them) are flattened
+    def _flatten_sections(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        training = data.get("training")
+        if isinstance(training, dict) and "checkpoint_every_steps" in training:
+            training = dict(training)
+            every = training.pop("checkpoint_every_steps")
+            if every is not None and (isinstance(every, bool) or not isinstance(every, int)):
+                raise ConfigKeyError("training.checkpoint_every_steps", f"must be an integer or null, got {every!r}")
+            data["training"] = training
         for section in ("features", "training", "model_args"):
-            if isinstance(d.get(section), dict):
-                nested = d.pop(section)
+            if isinstance(data.get(section), dict):
+                nested = data.pop(section)
                 for k, v in nested.items():
-                    if k in d:
-                        raise ValueError(f"features config key '{k}' given twice (top level and '{section}')")
-                    d[k] = v
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ValueError(
-                f"unknown features config key(s) {unknown}; known keys: {sorted(known)}"
-            )
-        kwargs: dict[str, Any] = {}
-        for key, value in d.items():
-            if key in ("feature_groups", "interactions"):
-                if isinstance(value, str):
-                    value = [value]
-                if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                    raise ValueError(f"features config key '{key}' must be a list of names, got {value!r}")
-                kwargs[key] = tuple(value)
-                continue
-            kwargs[key] = _coerce(key, value, cls.__dataclass_fields__[key].default)
-        cfg = cls(**kwargs)
-        cfg.validate()
-        return cfg
+                    if k in data:
+                        raise ConfigKeyError(f"{section}.{k}", "given twice (top level and in the section)")
+                    data[k] = v
+        for key in ("feature_groups", "interactions"):
+            if isinstance(data.get(key), str):
+                data[key] = [data[key]]
+        return data
 
-    def validate(self) -> None:
-        if self.family != FAMILY:
-            raise ValueError(f"features config key 'family' must be '{FAMILY}', got {self.family!r}")
-        if self.model not in ("logistic", "hgb"):
-            raise ValueError(f"features config key 'model' must be 'logistic' or 'hgb', got {self.model!r}")
-        bad_groups = [g for g in self.feature_groups if g not in FEATURE_GROUPS]
-        if bad_groups:
-            raise ValueError(
-                f"features config key 'feature_groups' has unknown group(s) {bad_groups}; known: {list(FEATURE_GROUPS)}"
-            )
-        if self.feature_clip <= 0:
-            raise ValueError(f"features config key 'feature_clip' must be > 0, got {self.feature_clip!r}")
-        for key in self._TUPLES:
-            lo, hi = getattr(self, key)
-            if not (1 <= lo <= hi):
-                raise ValueError(f"features config key '{key}' must be [lo, hi] with 1 <= lo <= hi, got {[lo, hi]}")
-        positive = ("C", "tol", "hgb_learning_rate")
-        for key in positive:
-            if not getattr(self, key) > 0:
-                raise ValueError(f"features config key '{key}' must be > 0, got {getattr(self, key)!r}")
-        if self.n_threads < 0:
-            raise ValueError(f"features config key 'n_threads' must be >= 0, got {self.n_threads!r}")
-        at_least_one = ("max_iter", "embedding_max_length", "embedding_batch_size", "tfidf_word_max_features",
-                        "tfidf_char_max_features", "tfidf_min_df", "tfidf_max_chars", "hgb_max_iter",
-                        "hgb_min_samples_leaf")
-        for key in at_least_one:
-            if getattr(self, key) < 1:
-                raise ValueError(f"features config key '{key}' must be >= 1, got {getattr(self, key)!r}")
-        if self.hgb_max_leaf_nodes < 2:
-            raise ValueError(f"features config key 'hgb_max_leaf_nodes' must be >= 2, got {self.hgb_max_leaf_nodes!r}")
-        if self.hgb_svd_components < 0:
-            raise ValueError(f"features config key 'hgb_svd_components' must be >= 0, got {self.hgb_svd_components!r}")
-        if self.tfidf_weight < 0 or self.hgb_l2_regularization < 0:
-            bad = "tfidf_weight" if self.tfidf_weight < 0 else "hgb_l2_regularization"
-            raise ValueError(f"features config key '{bad}' must be >= 0, got {getattr(self, bad)!r}")
+    @field_validator("feature_groups")
+    @classmethod
+    def _known_groups(cls, groups: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [g for g in groups if g not in FEATURE_GROUPS]
+        if bad:
+            raise ValueError(f"unknown group(s) {bad}; known: {list(FEATURE_GROUPS)}")
+        return groups
+
+    @field_validator("tfidf_word_ngram", "tfidf_char_ngram")
+    @classmethod
+    def _ngram_range(cls, pair: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= pair[0] <= pair[1]:
+            raise ValueError(f"must be [lo, hi] with 1 <= lo <= hi, got {list(pair)}")
+        return pair
+
+    @model_validator(mode="after")
+    def _some_block(self):
         if not ((self.dense_features and self.feature_groups) or self.tfidf_word or self.tfidf_char
                 or self.embedding_model):
-            raise ValueError("features config: at least one of 'dense_features', 'tfidf_word', 'tfidf_char', "
-                             "'embedding_model' must be set")
+            raise ConfigKeyError("dense_features", "at least one of 'dense_features', 'tfidf_word', 'tfidf_char', "
+                                 "'embedding_model' must be set")
+        return self
 
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        for key in self._TUPLES:
-            out[key] = list(out[key])
-        out["feature_groups"] = list(out["feature_groups"])
-        out["interactions"] = list(out["interactions"])
-        return out
-
-
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Check ``value`` against the type of the field's default; ValueError names the key."""
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"features config key '{key}' must be true/false, got {value!r}")
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ValueError(f"features config key '{key}' must be an integer, got {value!r}")
-        return int(value)
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise ValueError(f"features config key '{key}' must be a number, got {value!r}")
-        return float(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise ValueError(f"features config key '{key}' must be a string, got {value!r}")
-        return value
-    if isinstance(default, tuple):
-        if (not isinstance(value, (list, tuple)) or len(value) != 2
-                or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)):
-            raise ValueError(f"features config key '{key}' must be a pair of integers [lo, hi], got {value!r}")
-        return (int(value[0]), int(value[1]))
-    return value
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "features config", key_prefix: str = "") -> "FeaturesConfig":
+        return validate_model(cls, data, source, key_prefix)
 
 
 # ------------------------------------------------------------------------------------ text handling
@@ -505,7 +449,6 @@ class FeaturesModel:
     def __init__(self, cfg: FeaturesConfig):
         if isinstance(cfg, dict):
             cfg = FeaturesConfig.from_dict(cfg)
-        cfg.validate()
         self.cfg = cfg
         self.vectorizers: dict[str, Any] = {}
         self.anti_scale: np.ndarray | None = None
@@ -815,13 +758,13 @@ class FeaturesModel:
         cfg_path = model_dir / "config.yaml"
         if not cfg_path.exists():
             raise FileNotFoundError(f"{cfg_path} not found; is {model_dir} a features model directory?")
-        from gpu_jobs.config import RESOLVED_KEY  # here: gpu_jobs.config imports this module
+        from gpu_jobs.config import RESOLVED_KEY
 
-        raw = yaml.safe_load(cfg_path.read_text()) or {}
+        raw = read_yaml(cfg_path)
         raw.pop(RESOLVED_KEY, None)  # what the training job's hardware gave; not a setting
-        if raw.get("family") != FAMILY:
-            raise ValueError(f"{cfg_path}: family is {raw.get('family')!r}, expected '{FAMILY}'")
-        model = cls(FeaturesConfig.from_dict(raw))
+        if raw.get("family") != FAMILY_NAME:
+            raise ValueError(f"{cfg_path}: family is {raw.get('family')!r}, expected '{FAMILY_NAME}'")
+        model = cls(FeaturesConfig.from_dict(raw, str(cfg_path)))
         state_path = model_dir / MODEL_FILE
         if not state_path.exists():
             raise FileNotFoundError(f"{state_path} not found; the model directory is incomplete (re-run training)")
@@ -833,3 +776,42 @@ class FeaturesModel:
         for key, value in state.items():
             setattr(model, key, value)
         return model
+
+
+# ------------------------------------------------------------------------------------ the family
+
+
+class FeaturesFamily:
+    """The ``features`` family behind the registry protocol: fitted and applied by the main process alone."""
+
+    name = FAMILY_NAME
+    config_class = FeaturesConfig
+    neural = False
+    kinds = frozenset({"scikitlearn"})
+
+    def fit(self, cfg, train_df, y, w, accelerator=None, history_path=None, checkpointer=None, log=None,
+            report=None):
+        t0 = time.perf_counter()
+        model = FeaturesModel(cfg).fit(train_df, y, sample_weight=w)
+        train_s = time.perf_counter() - t0
+        if history_path is not None:
+            Path(history_path).touch()  # no steps: an empty history
+        return model, None, {"train_examples_per_s": len(train_df) / max(train_s, 1e-9), "train_s": train_s,
+                             "n_steps": 0, "resumed_from_step": 0, "first_train_loss": None,
+                             "final_train_loss": None}
+
+    def save(self, model, tokenizer, model_dir) -> None:
+        model.save(Path(model_dir))
+
+    def load(self, model_dir, cfg=None, device=None):
+        return FeaturesModel.load(Path(model_dir)), None
+
+    def predict(self, cfg, model, tokenizer, frame, tta=False, batch_size=None, max_length=None, device=None,
+                accelerator=None, progress=False):
+        probs = np.asarray(model.predict_proba(frame), dtype=np.float64)
+        probs_tta = (np.asarray(model.predict_proba(swap_frame(frame))[:, SWAP_PERMUTATION], dtype=np.float64)
+                     if tta else None)
+        return probs, probs_tta
+
+
+FAMILY = FeaturesFamily()

@@ -13,17 +13,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
+from gpu_jobs.config import LLMClassifierConfig
 from gpu_jobs.models.loading import resolve_model
+from gpu_jobs.models.neural import NeuralFamily
 from gpu_jobs.precision import resolve
 
 HEAD_NAMES = ("score",)
 LABELS = {0: "A", 1: "B", 2: "tie"}
 
 
-def load_tokenizer(path) -> AutoTokenizer:
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -31,7 +32,8 @@ def load_tokenizer(path) -> AutoTokenizer:
     return tokenizer
 
 
-def _quantization_config(cfg, compute_dtype: torch.dtype):
+def _quantization_config(cfg, compute_dtype):
+    import torch
     from transformers import BitsAndBytesConfig
 
     q = cfg.quantization
@@ -43,6 +45,9 @@ def _quantization_config(cfg, compute_dtype: torch.dtype):
 
 
 def _base_model(cfg, path: str, tokenizer, device=None):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
     quantised = cfg.quantization.load_in_4bit
     precision = resolve(cfg.precision, str(device) if device is not None else None)
     # frozen base weights in the compute precision (bf16: half the memory) under LoRA or 4-bit; trainable
@@ -62,6 +67,7 @@ def _base_model(cfg, path: str, tokenizer, device=None):
 
 def build(cfg, device=None):
     """Base LLM + head, wrapped with LoRA (and 4-bit base for QLoRA); returns (model, tokenizer)."""
+    import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     path = resolve_model(cfg.model_name)
@@ -92,6 +98,9 @@ def save(model, tokenizer, model_dir: Path) -> None:
 def load(model_dir: Path, cfg, device=None):
     """Base model from ``cfg.model_name`` + the saved adapter and head, in eval mode (LoRA merged when the
     base is not quantised, for speed)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
     model_dir = Path(model_dir)
     tokenizer = load_tokenizer(model_dir)
     if cfg.lora is None:
@@ -105,3 +114,7 @@ def load(model_dir: Path, cfg, device=None):
     if not cfg.quantization.load_in_4bit:
         model = model.merge_and_unload()
     return model.eval(), tokenizer
+
+
+FAMILY = NeuralFamily("llm_classifier", LLMClassifierConfig, build=build, save_fn=save, load_fn=load,
+                      head_names=HEAD_NAMES)
