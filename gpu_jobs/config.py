@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
 
+from gpu_jobs.models.attention import ATTENTION
 from gpu_jobs.precision import PRECISIONS
 
 
@@ -150,6 +151,8 @@ class CrossEncoderConfig(NeuralConfig):
 
 class LLMClassifierConfig(NeuralConfig):
     family: Literal["llm_classifier"] = "llm_classifier"
+    # auto | eager | sdpa | flash_attention_2, resolved by gpu_jobs.models.attention for the device and dtype
+    attn_implementation: Literal[ATTENTION] = "auto"  # type: ignore[valid-type]
     lora: LoraSection | None = Field(default_factory=LoraSection)  # null: full fine-tuning
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
 

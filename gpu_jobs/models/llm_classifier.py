@@ -11,9 +11,11 @@ the base model is found again from ``model_name`` in the saved config.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from gpu_jobs.config import LLMClassifierConfig
+from gpu_jobs.models.attention import resolve_attention
 from gpu_jobs.models.loading import resolve_model
 from gpu_jobs.models.neural import NeuralFamily
 from gpu_jobs.precision import resolve
@@ -44,6 +46,17 @@ def _quantization_config(cfg, compute_dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+def attention_for(cfg, path: str, device, dtype) -> tuple[str, str]:
+    """The attention kernel this job loads the base with (gpu_jobs.models.attention), and why."""
+    import torch
+    from transformers import AutoConfig
+
+    device_type = torch.device(device).type if device is not None else "cpu"
+    model_type = getattr(AutoConfig.from_pretrained(path), "model_type", "")
+    return resolve_attention(cfg.attn_implementation, model_type, device_type,
+                             dtype in (torch.bfloat16, torch.float16))
+
+
 def _base_model(cfg, path: str, tokenizer, device=None):
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -54,6 +67,8 @@ def _base_model(cfg, path: str, tokenizer, device=None):
     # weights are cast to fp32 after wrapping
     dtype = precision.dtype if (cfg.lora is not None or quantised) else torch.float32
     kwargs = dict(num_labels=3, id2label=LABELS, label2id={v: k for k, v in LABELS.items()}, dtype=dtype)
+    kwargs["attn_implementation"], reason = attention_for(cfg, path, device, dtype)
+    print(f"{cfg.name}: attention {kwargs['attn_implementation']} ({reason})", file=sys.stderr, flush=True)
     if cfg.training.attention_dropout is not None:
         kwargs["attention_dropout"] = cfg.training.attention_dropout
     if quantised:
