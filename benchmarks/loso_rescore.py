@@ -30,11 +30,15 @@ def main() -> None:
     ap.add_argument("--home", default="", help="the arena folder of a Dagster home (default: $DAGSTER_HOME/arena)")
     ap.add_argument("--profile", default=None, help="profile name (default: $ARENA_PROFILE)")
     ap.add_argument("--sources", nargs="+", default=["pandalm_testset_v1", "llmbar"])
+    ap.add_argument("--models", nargs="+", default=None,
+                    help="read only these members' LOSO predictions (default: every member of the profile); the "
+                         "bundle rows need every member with a stage-1 weight > 0")
     args = ap.parse_args()
     storage = ArenaStorage(home=args.home or str(dagster_home() / "arena"))
     profile = get_profile(args.profile)
     processed = pd.read_parquet(storage.data("processed_folds"))
-    held_out = {s: held_out_predictions(storage, profile, loso_split(processed, s), s) for s in args.sources}
+    held_out = {s: held_out_predictions(storage, profile, loso_split(processed, s), s, args.models)
+                for s in args.sources}
     with tempfile.TemporaryDirectory() as plots:
         results, _ = loso_report(held_out, stage1_fit_rows(storage, profile, processed), Path(plots))
     print(report_markdown(results))

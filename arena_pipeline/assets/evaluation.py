@@ -23,8 +23,8 @@ import pandas as pd
 from arena_pipeline import calibration as cal
 from arena_pipeline import ensemble as ens
 from arena_pipeline import plots
-from arena_pipeline.assets.ensembles import collect_members
-from arena_pipeline.assets.oof import STAGE1, job_args
+from arena_pipeline.assets.ensembles import Member
+from arena_pipeline.assets.oof import job_args
 from arena_pipeline.config import Profile
 from arena_pipeline.data.folds import label_index
 from arena_pipeline.resources.launcher import JobLauncher
@@ -32,6 +32,7 @@ from arena_pipeline.resources.storage import ArenaStorage, atomic_write_json, at
 from arena_pipeline.resources.tracking import MlflowTracking
 from gpu_jobs.contract.schema import PROB_COLUMNS
 
+EM_ROW = "+ tie prior re-estimated by EM on this file"
 HELD_OUT_FOLD = 99  # the validation "fold" of a LOSO training job
 PROBS = list(PROB_COLUMNS)
 
@@ -90,20 +91,22 @@ def calibration_rows(y: np.ndarray, bundle: np.ndarray, tie_model: cal.DavidsonT
     shrunk = cal.shrink(bundle, shrink_weight, train_tie)
     both = cal.shrink(adapted, shrink_weight, em["tie_prior_estimated"])
     rows = [_row("+ Davidson tie model (fitted on stage-1 OOF)", y, tie_model.apply(bundle)),
-            _row("+ tie prior re-estimated by EM on this file", y, adapted),
+            _row(EM_ROW, y, adapted),
             _row("+ shrinkage toward the prior (weight chosen on the other sources)", y, shrunk),
             _row("+ EM tie prior + that shrinkage", y, both)]
     return rows, em
 
 
 def tie_table(results: dict[str, dict]) -> str:
-    """Per source: true tie rate, the bundle's mean tie, EM's estimate, the shrinkage weight chosen elsewhere."""
-    lines = ["| source | tie rate (true) | bundle mean tie | EM tie prior (from training's) | shrinkage weight |",
-             "|---|---|---|---|---|"]
+    """Per source: true tie rate, the bundle's mean tie before and after EM, EM's estimate, the shrinkage weight."""
+    lines = ["| source | tie rate (true) | bundle mean tie | EM tie prior (from training's) | bundle mean tie after EM "
+             "| shrinkage weight |", "|---|---|---|---|---|---|"]
     for source, r in results.items():
         em = r["tie_prior_em"]
+        after = next(row["tie_predicted_mean"] for row in r["ablation"] if row["variant"] == EM_ROW)
         lines.append(f"| {source} | {r['tie_rate_true']:.3f} | {r['tie_rate_predicted_mean']:.3f} | "
-                     f"{em['tie_prior_estimated']:.3f} (from {em['tie_prior_train']:.3f}) | {r['shrinkage']['weight']:.2f} |")
+                     f"{em['tie_prior_estimated']:.3f} (from {em['tie_prior_train']:.3f}) | {after:.3f} | "
+                     f"{r['shrinkage']['weight']:.2f} |")
     return "\n".join(lines)
 
 
@@ -145,12 +148,14 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def held_out_predictions(storage: ArenaStorage, profile: Profile, frame: pd.DataFrame, source: str) -> dict:
-    """One held-out source's labels and every stage-1 member's prediction (plain and swapped) from its LOSO job."""
+def held_out_predictions(storage: ArenaStorage, profile: Profile, frame: pd.DataFrame, source: str,
+                         models: list[str] | None = None) -> dict:
+    """One held-out source's labels and each stage-1 member's prediction (plain and swapped) from its LOSO job
+    (``models``: only these members; default every member of the profile)."""
     held = frame[frame["fold"] == HELD_OUT_FOLD]
     members: dict[str, np.ndarray] = {}
     consistency: dict[str, float] = {}
-    for model_spec in profile.models:
+    for model_spec in (profile.models if models is None else [profile.model(m) for m in models]):
         out = storage.root / "loso" / source / model_spec.name
         plain = pd.read_parquet(out / "oof.parquet").set_index("id").loc[held["id"], PROBS].to_numpy()
         swapped = pd.read_parquet(out / "oof_tta.parquet").set_index("id").loc[held["id"], PROBS].to_numpy()
@@ -166,7 +171,11 @@ def stage1_fit_rows(storage: ArenaStorage, profile: Profile, processed: pd.DataF
     """What the calibration maps are fitted on: the stage-1 ensemble's spec, its OOF blend, labels, members' OOF."""
     spec = json.loads(storage.ensemble("stage1_ensemble").read_text())
     oof = pd.read_parquet(storage.ensemble("stage1_ensemble").with_suffix(".oof.parquet"))
-    members = {m.name: frame.loc[oof["id"]].to_numpy() for m, frame in collect_members(storage, profile, (STAGE1,)).items()}
+    members = {}
+    for m in spec["members"]:  # the members the ensemble was fitted on (demo sizing may have left one out)
+        member = Member(m["stage"], m["model"], m["tta"])
+        frame = pd.concat([pd.read_parquet(member.oof_file(storage, fold)) for fold in profile.folds])
+        members[member.name] = frame.set_index("id").loc[oof["id"], PROBS].to_numpy()
     return {"spec": spec, "p": oof[PROBS].to_numpy(), "members": members,
             "y": label_index(processed.set_index("id").loc[oof["id"]].reset_index())}
 
