@@ -29,7 +29,7 @@ except Exception as exc:  # noqa: BLE001  # pragma: no cover
     FeaturesConfig = None  # type: ignore[assignment,misc]
     _FEATURES_ERROR = f"{type(exc).__name__}: {exc}"
 
-FAMILIES = ("cross_encoder", "llm_classifier", "features")
+FAMILIES = ("cross_encoder", "llm_classifier", "features", "reward_model")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")  # auto: the job's resolved precision
@@ -167,7 +167,24 @@ class LLMClassifierConfig(_NeuralConfig):
             raise ValueError(_where(source, "quantization.compute_dtype") + f" must be one of {COMPUTE_DTYPES}, got {q.compute_dtype!r}")
 
 
-FAMILY_CLASSES: dict[str, type] = {"cross_encoder": CrossEncoderConfig, "llm_classifier": LLMClassifierConfig}
+# ---- the siamese families (issue #16): each side (prompt, response) read on its own by a shared encoder
+POOLINGS = ("mean", "cls")
+
+
+@dataclass
+class RewardModelConfig(_NeuralConfig):
+    family: str = "reward_model"
+    pooling: str = "mean"  # mean | cls: how a side's token states become one vector
+    tie_log_nu_init: float = 0.0  # Davidson tie parameter log(nu) at the start (0: P(tie) = 1/3 when r_A = r_B)
+
+    def validate(self, source: str) -> None:
+        super().validate(source)
+        if self.pooling not in POOLINGS:
+            raise ValueError(_where(source, "pooling") + f" must be one of {POOLINGS}, got {self.pooling!r}")
+
+
+FAMILY_CLASSES: dict[str, type] = {"cross_encoder": CrossEncoderConfig, "llm_classifier": LLMClassifierConfig,
+                                   "reward_model": RewardModelConfig}
 
 
 # --------------------------------------------------------------------------------------------- loading

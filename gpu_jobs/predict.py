@@ -35,9 +35,18 @@ def family_module(family: str):
         from gpu_jobs.models import cross_encoder as module
     elif family == "llm_classifier":
         from gpu_jobs.models import llm_classifier as module
+    elif family == "reward_model":
+        from gpu_jobs.models import reward_model as module
     else:
         raise ValueError(f"no neural module for family {family!r}")
     return module
+
+
+def family_io(module):
+    """(encode_frame, Collator, row_length) of a neural family: its own where it defines them (the siamese
+    families read each side separately), else the cross-encoder's one tagged sequence per row."""
+    return (getattr(module, "encode_frame", D.encode_frame), getattr(module, "Collator", D.Collator),
+            getattr(module, "row_length", len))
 
 
 def load_model_config(model_dir: str | Path):
@@ -75,15 +84,15 @@ def _autocast(device: torch.device, precision: Precision | None):
 @torch.inference_mode()
 def predict_ids(model, ids: list[list[int]], pad_token_id: int, batch_size: int, device: torch.device,
                 precision: Precision | None = None, accelerator=None, sort: bool = True,
-                progress: bool = False) -> np.ndarray:
+                progress: bool = False, collator=D.Collator, row_length=len) -> np.ndarray:
     """Class probabilities (n, 3) for pre-tokenised rows, in input order, on every process; autocast in
     ``precision`` (None: the model's own dtype)."""
     model.eval()
-    batches = D.sorted_batches([len(x) for x in ids], batch_size, sort=sort)
+    batches = D.sorted_batches([row_length(x) for x in ids], batch_size, sort=sort)
     n_proc = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
     mine = batches[rank::n_proc]  # strided: every process gets a share of the long batches
-    collate = D.Collator(pad_token_id)
+    collate = collator(pad_token_id)
     pieces: list[tuple[np.ndarray, np.ndarray]] = []
     show = progress and rank == 0
     if show:
@@ -129,11 +138,13 @@ def predict_loaded(cfg, model, tokenizer, frame: pd.DataFrame, tta: bool = False
     max_length = max_length or cfg.inference.max_length
     precision = resolve(cfg.precision, device.type)
 
+    encode, collator, row_length = family_io(family_module(cfg.family))
+
     def run(swap: bool) -> np.ndarray:
-        ids = D.encode_frame(frame, tokenizer, max_length, cfg.text.truncation_side, swap=swap,
-                             max_chars_per_part=cfg.text.max_chars_per_part)
+        ids = encode(frame, tokenizer, max_length, cfg.text.truncation_side, swap=swap,
+                     max_chars_per_part=cfg.text.max_chars_per_part)
         return predict_ids(model, ids, tokenizer.pad_token_id, batch_size, device, precision, accelerator,
-                           progress=progress)
+                           progress=progress, collator=collator, row_length=row_length)
 
     probs = run(swap=False)
     probs_tta = run(swap=True)[:, D.SWAP_PERMUTATION] if tta else None

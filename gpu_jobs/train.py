@@ -43,7 +43,7 @@ from gpu_jobs.contract.atomic import atomic_write_parquet, fsync_dir, publish_di
 from gpu_jobs.contract.metrics import accuracy, log_loss, per_class_loss
 from gpu_jobs.contract.pipes import clean_metadata, open_pipes
 from gpu_jobs.precision import Precision, hardware_summary, resolve
-from gpu_jobs.predict import family_module, predict_loaded, prediction_frame
+from gpu_jobs.predict import family_io, family_module, predict_loaded, prediction_frame
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -300,13 +300,14 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
     module = family_module(cfg.family)
     model, tokenizer = module.build(cfg, device=accelerator.device)
 
-    ids = D.encode_frame(train_df, tokenizer, t.max_length, cfg.text.truncation_side,
-                         max_chars_per_part=cfg.text.max_chars_per_part)
+    encode, collator, row_length = family_io(module)
+    ids = encode(train_df, tokenizer, t.max_length, cfg.text.truncation_side,
+                 max_chars_per_part=cfg.text.max_chars_per_part)
     sampler_cls = D.LengthGroupedBatchSampler if t.group_by_length else D.RandomBatchSampler
-    sampler = sampler_cls([len(x) for x in ids], t.batch_size, seed=cfg.seed)
+    sampler = sampler_cls([row_length(x) for x in ids], t.batch_size, seed=cfg.seed)
     pad_multiple = 8 if accelerator.device.type == "cuda" else None
     loader = DataLoader(D.PairsDataset(ids, y, w), batch_sampler=sampler,
-                        collate_fn=D.Collator(tokenizer.pad_token_id, pad_multiple))
+                        collate_fn=collator(tokenizer.pad_token_id, pad_multiple))
 
     # counted on the whole (unsharded) loader: accelerate steps a prepared scheduler once per process
     total_steps = math.ceil(len(loader) / t.grad_accum) * t.epochs

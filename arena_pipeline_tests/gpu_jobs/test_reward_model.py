@@ -1,0 +1,118 @@
+"""gpu_jobs.models.reward_model: Davidson probabilities from two rewards, exact A/B swap symmetry, training
+through the same gpu_jobs.train loop and job (real arena-bench rows, the shipped MiniLM)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from gpu_jobs import data as D
+from gpu_jobs.config import load_config
+from gpu_jobs.contract.swap import swap_frame, swap_probs
+from gpu_jobs.models import reward_model
+from gpu_jobs.predict import predict_frame, predict_loaded
+
+ROOT = Path(__file__).resolve().parents[2]
+PAIRS = ROOT / "data" / "shipped" / "arena_bench_pairs.parquet"
+CONFIG = ROOT / "gpu_jobs" / "configs" / "reward_model_minilm.yaml"
+SMALL = ["training.max_length=64", "inference.max_length=64", "inference.batch_size=5", "training.batch_size=8"]
+
+
+def rows(n: int, seed: int = 0) -> pd.DataFrame:
+    frame = pd.read_parquet(PAIRS).sample(n, random_state=seed).reset_index(drop=True)
+    return frame.assign(fold=np.arange(n) % 4)
+
+
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    acc = Accelerator(cpu=True, mixed_precision="no")
+    yield acc
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_davidson_logits_give_the_closed_form_probabilities():
+    r_a, r_b, log_nu = torch.tensor([0.3, -1.0, 2.0]), torch.tensor([0.1, 0.5, 2.0]), torch.tensor(-0.4)
+    p = torch.softmax(reward_model.davidson_logits(r_a, r_b, log_nu), dim=-1)
+    nu = np.exp(-0.4)
+    ea, eb, et = np.exp(r_a.numpy()), np.exp(r_b.numpy()), nu * np.sqrt(np.exp(r_a.numpy() + r_b.numpy()))
+    z = ea + eb + et
+    np.testing.assert_allclose(p.numpy(), np.stack([ea / z, eb / z, et / z], axis=1), rtol=1e-6)
+    # equal rewards: P(tie) = nu / (2 + nu), whatever the common reward
+    assert p[2, 2].item() == pytest.approx(nu / (2 + nu), rel=1e-6)
+
+
+def test_untrained_model_predicts_probabilities_that_permute_exactly_under_a_swap(tmp_path):
+    cfg = load_config(CONFIG, SMALL + ["precision=fp32"])
+    model, tokenizer = reward_model.build(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a larger-scale head, so that the rewards differ visibly between rows and sides
+        model.reward_head.weight.normal_(0, 2.0)
+    frame = rows(12)
+    probs, probs_tta = predict_loaded(cfg, model.eval(), tokenizer, frame, tta=True, device=torch.device("cpu"))
+    assert probs.shape == (12, 3) and np.allclose(probs.sum(1), 1, atol=1e-6)
+    assert np.abs(probs[:, 0] - probs[:, 1]).max() > 1e-3  # A and B really differ
+    swapped, _ = predict_loaded(cfg, model, tokenizer, swap_frame(frame), device=torch.device("cpu"))
+    np.testing.assert_allclose(swap_probs(swapped), probs, atol=1e-6)
+    np.testing.assert_allclose(probs_tta, probs, atol=1e-6)  # TTA adds nothing to this family
+    # save / load round trip gives the same numbers (encoder folder + head.safetensors + tokenizer)
+    from gpu_jobs.config import save_config
+
+    reward_model.save(model, tokenizer, tmp_path)
+    save_config(cfg, tmp_path / "config.yaml")
+    again, _ = predict_frame(tmp_path, frame)
+    np.testing.assert_allclose(again, probs, atol=1e-6)
+
+
+def test_loss_goes_down_on_an_overfittable_batch(accelerator):
+    from gpu_jobs.train import fit_neural
+
+    cfg = load_config(CONFIG, [
+        "training.max_length=48", "training.batch_size=8", "training.epochs=8", "training.lr=1e-3",
+        "training.head_lr=1e-2", "training.warmup_steps=0", "training.scheduler=constant",
+        "training.weight_decay=0", "precision=fp32"])
+    frame = rows(8)
+    model, _, stats = fit_neural(cfg, frame, D.targets(frame), D.sample_weights(frame), accelerator, None)
+    assert stats["n_steps"] == 8 and stats["train_examples_per_s"] > 0
+    assert stats["final_train_loss"] < 0.7 * stats["first_train_loss"], stats
+    assert model.log_nu.requires_grad  # the tie parameter is trained with the rest
+
+
+def test_train_job_writes_oof_and_metrics_and_its_model_predicts_swap_exactly(tmp_path):
+    from accelerate.state import AcceleratorState
+
+    from gpu_jobs.train import main
+
+    frame = rows(24, seed=1)
+    data = tmp_path / "train.parquet"
+    frame.to_parquet(data)
+    extra = tmp_path / "extra.parquet"
+    frame.head(6).drop(columns=D.WINNER_COLUMNS + ["fold"]).to_parquet(extra)
+    out = tmp_path / "out"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        main(["--config", str(CONFIG), "--fold", "0", "--data", str(data), "--output-dir", str(out),
+              "--predict", f"extra={extra}", "--set", *SMALL, "training.epochs=1"])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    oof = pd.read_parquet(out / "oof.parquet")
+    assert set(oof.id) == set(frame.id[frame.fold == 0]) and (oof.fold == 0).all()
+    assert np.allclose(oof[["p_a", "p_b", "p_tie"]].sum(axis=1), 1, atol=1e-6)
+    assert len(pd.read_parquet(out / "pred_extra.parquet")) == 6
+    assert not (out / "oof_tta.parquet").exists()  # tta: false in the config
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["family"] == "reward_model" and metrics["n_train"] == 18 and metrics["n_val"] == 6
+    assert metrics["train_examples_per_s"] > 0 and metrics["wall_s"] > 0
+    val = frame[frame.fold == 0].reset_index(drop=True)
+    probs, _ = predict_frame(out / "model", val)
+    swapped, _ = predict_frame(out / "model", swap_frame(val))
+    np.testing.assert_allclose(swap_probs(swapped), probs, atol=1e-6)
+    np.testing.assert_allclose(probs, oof.set_index("id").loc[val.id, ["p_a", "p_b", "p_tie"]].to_numpy(), atol=1e-5)
