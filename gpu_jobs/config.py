@@ -29,7 +29,7 @@ except Exception as exc:  # noqa: BLE001  # pragma: no cover
     FeaturesConfig = None  # type: ignore[assignment,misc]
     _FEATURES_ERROR = f"{type(exc).__name__}: {exc}"
 
-FAMILIES = ("cross_encoder", "llm_classifier", "features", "reward_model")
+FAMILIES = ("cross_encoder", "llm_classifier", "features", "reward_model", "bi_encoder")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")  # auto: the job's resolved precision
@@ -183,8 +183,26 @@ class RewardModelConfig(_NeuralConfig):
             raise ValueError(_where(source, "pooling") + f" must be one of {POOLINGS}, got {self.pooling!r}")
 
 
+@dataclass
+class BiEncoderConfig(_NeuralConfig):
+    family: str = "bi_encoder"
+    pooling: str = "mean"
+    head_hidden: int = 256  # hidden units of the win and tie MLPs
+    head_dropout: float = 0.1
+
+    def validate(self, source: str) -> None:
+        super().validate(source)
+        for key, ok, what in [
+            ("pooling", self.pooling in POOLINGS, f"must be one of {POOLINGS}"),
+            ("head_hidden", self.head_hidden >= 1, "must be >= 1"),
+            ("head_dropout", 0 <= self.head_dropout < 1, "must be in [0, 1)"),
+        ]:
+            if not ok:
+                raise ValueError(_where(source, key) + f" {what}, got {_get(self, key)!r}")
+
+
 FAMILY_CLASSES: dict[str, type] = {"cross_encoder": CrossEncoderConfig, "llm_classifier": LLMClassifierConfig,
-                                   "reward_model": RewardModelConfig}
+                                   "reward_model": RewardModelConfig, "bi_encoder": BiEncoderConfig}
 
 
 # --------------------------------------------------------------------------------------------- loading

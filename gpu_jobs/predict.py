@@ -37,6 +37,8 @@ def family_module(family: str):
         from gpu_jobs.models import llm_classifier as module
     elif family == "reward_model":
         from gpu_jobs.models import reward_model as module
+    elif family == "bi_encoder":
+        from gpu_jobs.models import bi_encoder as module
     else:
         raise ValueError(f"no neural module for family {family!r}")
     return module

