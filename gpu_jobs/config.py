@@ -135,8 +135,24 @@ class _NeuralConfig:
 
 
 @dataclass
+class WindowSection:
+    """Sliding windows per part (gpu_jobs/models/windowed.py); a window is training/inference.max_length long."""
+    stride: int = 192  # tokens between window starts (max_length - stride tokens of overlap)
+    max_windows: int = 4  # per part; a longer part keeps its last windows (truncation_side left) or first
+
+
+@dataclass
 class CrossEncoderConfig(_NeuralConfig):
     family: str = "cross_encoder"
+    window: WindowSection | None = None  # null (default): one tagged sequence per row, cut to max_length
+
+    def validate(self, source: str) -> None:
+        super().validate(source)
+        if self.window is not None:
+            for key, ok, what in [("window.stride", self.window.stride >= 1, "must be >= 1"),
+                                  ("window.max_windows", self.window.max_windows >= 1, "must be >= 1")]:
+                if not ok:
+                    raise ValueError(_where(source, key) + f" {what}, got {_get(self, key)!r}")
 
 
 @dataclass

@@ -44,9 +44,13 @@ def family_module(family: str):
     return module
 
 
-def family_io(module):
-    """(encode_frame, Collator, row_length) of a neural family: its own where it defines them (the siamese
-    families read each side separately), else the cross-encoder's one tagged sequence per row."""
+def family_io(module, cfg=None):
+    """(encode_frame, Collator, row_length) of a neural family: those its ``family_io(cfg)`` gives (the
+    cross-encoder's sliding windows), else its own where it defines them (the siamese families read each side
+    separately), else gpu_jobs.data's one tagged sequence per row."""
+    hooks = module.family_io(cfg) if cfg is not None and hasattr(module, "family_io") else None
+    if hooks is not None:
+        return hooks
     return (getattr(module, "encode_frame", D.encode_frame), getattr(module, "Collator", D.Collator),
             getattr(module, "row_length", len))
 
@@ -140,7 +144,7 @@ def predict_loaded(cfg, model, tokenizer, frame: pd.DataFrame, tta: bool = False
     max_length = max_length or cfg.inference.max_length
     precision = resolve(cfg.precision, device.type)
 
-    encode, collator, row_length = family_io(family_module(cfg.family))
+    encode, collator, row_length = family_io(family_module(cfg.family), cfg)
 
     def run(swap: bool) -> np.ndarray:
         ids = encode(frame, tokenizer, max_length, cfg.text.truncation_side, swap=swap,

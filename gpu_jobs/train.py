@@ -300,7 +300,7 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
     module = family_module(cfg.family)
     model, tokenizer = module.build(cfg, device=accelerator.device)
 
-    encode, collator, row_length = family_io(module)
+    encode, collator, row_length = family_io(module, cfg)
     ids = encode(train_df, tokenizer, t.max_length, cfg.text.truncation_side,
                  max_chars_per_part=cfg.text.max_chars_per_part)
     sampler_cls = D.LengthGroupedBatchSampler if t.group_by_length else D.RandomBatchSampler

@@ -3,6 +3,9 @@
 ``AutoModelForSequenceClassification(num_labels=3)``; the head (``classifier``, plus DeBERTa's freshly
 initialised ``pooler``) may get its own learning rate. Attention dropout is set from the config (0 is
 markedly faster on CPU and costs nothing measurable on this task).
+
+With a ``window:`` section in the config (off by default) the family reads long conversations whole through
+sliding windows per part (``gpu_jobs/models/windowed.py``): a different model, batch layout and model folder.
 """
 
 from __future__ import annotations
@@ -28,8 +31,21 @@ def _model_config(path: str, attention_dropout: float | None):
     return config
 
 
+def family_io(cfg):
+    """The job's text/batch hooks: the windowed ones when ``window`` is set, else None (gpu_jobs.data's)."""
+    if getattr(cfg, "window", None) is None:
+        return None
+    from gpu_jobs.models import windowed
+
+    return windowed.family_io(cfg)
+
+
 def build(cfg, device=None):
     """Pretrained encoder + fresh 3-class head, and its tokenizer (for training)."""
+    if getattr(cfg, "window", None) is not None:
+        from gpu_jobs.models import windowed
+
+        return windowed.build(cfg)
     path = resolve_model(cfg.model_name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     config = _model_config(path, cfg.training.attention_dropout)
@@ -40,12 +56,20 @@ def build(cfg, device=None):
 
 
 def save(model, tokenizer, model_dir: Path) -> None:
+    if not hasattr(model, "save_pretrained"):  # the windowed model: encoder folder + head.safetensors
+        from gpu_jobs.models import windowed
+
+        return windowed.save(model, tokenizer, model_dir)
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
 
 
 def load(model_dir: Path, cfg, device=None):
     """The trained classifier from a model directory, in eval mode."""
+    if getattr(cfg, "window", None) is not None:
+        from gpu_jobs.models import windowed
+
+        return windowed.load(model_dir, cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
     return model.eval(), tokenizer

@@ -1,0 +1,114 @@
+"""gpu_jobs.models.windowed: the cross-encoder's sliding-window option (``window:``), off by default."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from gpu_jobs import data as D
+from gpu_jobs.config import load_config
+from gpu_jobs.contract.swap import swap_frame, swap_probs
+from gpu_jobs.contract.turns import parse_turns
+from gpu_jobs.models import cross_encoder, windowed
+from gpu_jobs.predict import predict_frame, predict_loaded
+
+ROOT = Path(__file__).resolve().parents[2]
+PAIRS = ROOT / "data" / "shipped" / "arena_bench_pairs.parquet"
+CONFIG = ROOT / "gpu_jobs" / "configs" / "cross_encoder_minilm.yaml"
+WINDOWS = ["window.stride=48", "window.max_windows=3", "training.max_length=64", "inference.max_length=64",
+           "training.batch_size=4", "inference.batch_size=4"]
+
+
+def rows(n: int, seed: int = 0) -> pd.DataFrame:
+    frame = pd.read_parquet(PAIRS).sample(n, random_state=seed).reset_index(drop=True)
+    return frame.assign(fold=np.arange(n) % 4)
+
+
+def test_window_starts_cover_every_token_with_the_given_stride():
+    assert windowed.window_starts(10, 32, 24) == [0]
+    assert windowed.window_starts(100, 32, 24) == [0, 24, 48, 68]
+    for n in (33, 57, 200):
+        starts = windowed.window_starts(n, 32, 24)
+        covered = set().union(*(range(s, s + 32) for s in starts))
+        assert covered == set(range(n)) and all(b - a <= 24 for a, b in zip(starts, starts[1:]))
+
+
+def test_off_by_default_and_checked():
+    assert load_config(CONFIG).window is None
+    with pytest.raises(ValueError, match="key 'window.stride'"):
+        load_config(CONFIG, ["window.stride=0"])
+
+
+def test_windows_read_each_part_to_its_end():
+    cfg = load_config(CONFIG, WINDOWS)
+    model, tokenizer = cross_encoder.build(cfg)
+    assert isinstance(model, windowed.WindowedCrossEncoder)
+    frame = rows(8)
+    encode, collator, row_length = windowed.family_io(cfg)
+    encoded = encode(frame, tokenizer, 64, max_chars_per_part=0)
+    for r, parts in enumerate(encoded):
+        for j, col in enumerate(("prompt", "response_a", "response_b")):
+            assert 1 <= len(parts[j]) <= 3 and all(len(w) <= 64 for w in parts[j])
+            whole = tokenizer("\n\n".join(parse_turns(frame[col][r])), add_special_tokens=False)["input_ids"]
+            last = parts[j][-1]
+            assert last[-1] == tokenizer.sep_token_id and whole[-5:] == last[-6:-1]  # the part's end is read
+    assert max(len(p) for r in encoded for p in r) == 3  # long answers use several windows
+    swapped = encode(frame, tokenizer, 64, swap=True, max_chars_per_part=0)
+    tags = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in windowed.PART_TAGS]
+    n_tag = len(tags[1])
+    assert [[w[1 + n_tag:] for w in r[2]] for r in swapped] == [[w[1 + n_tag:] for w in r[1]] for r in encoded]
+    batch = collator(tokenizer.pad_token_id)([{"input_ids": r, "index": i} for i, r in enumerate(encoded)])
+    assert batch["input_ids"].shape[:3] == (8, 3, 3)
+
+
+def test_predict_train_and_tta(tmp_path):
+    from accelerate.state import AcceleratorState
+
+    from gpu_jobs.train import main
+
+    frame = rows(16, seed=2)
+    data = tmp_path / "train.parquet"
+    frame.to_parquet(data)
+    out = tmp_path / "out"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        main(["--config", str(CONFIG), "--fold", "0", "--data", str(data), "--output-dir", str(out),
+              "--set", *WINDOWS, "training.epochs=1", "tta=true"])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_train"] == 12 and metrics["n_val"] == 4 and metrics["train_examples_per_s"] > 0
+    oof, oof_tta = pd.read_parquet(out / "oof.parquet"), pd.read_parquet(out / "oof_tta.parquet")
+    for pred in (oof, oof_tta):
+        assert len(pred) == 4 and np.allclose(pred[["p_a", "p_b", "p_tie"]].sum(axis=1), 1, atol=1e-6)
+    assert (out / "model" / "head.safetensors").exists()
+    val = frame[frame.fold == 0].reset_index(drop=True)
+    probs, probs_tta = predict_frame(out / "model", val, tta=True)
+    swapped, _ = predict_frame(out / "model", swap_frame(val))
+    np.testing.assert_allclose(swap_probs(swapped), probs_tta, atol=1e-6)  # TTA = the swapped rows, permuted back
+
+
+def test_loss_goes_down_on_an_overfittable_batch():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from gpu_jobs.train import fit_neural
+
+    cfg = load_config(CONFIG, [*WINDOWS, "training.epochs=6", "training.batch_size=4", "training.lr=1e-3",
+                               "training.head_lr=1e-3", "training.warmup_steps=0", "training.scheduler=constant",
+                               "training.weight_decay=0", "training.max_length=40", "window.stride=24",
+                               "window.max_windows=2", "precision=fp32"])
+    frame = rows(4)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        _, _, stats = fit_neural(cfg, frame, D.targets(frame), D.sample_weights(frame),
+                                 Accelerator(cpu=True, mixed_precision="no"), None)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert stats["n_steps"] == 6
+    assert stats["final_train_loss"] < 0.7 * stats["first_train_loss"], stats
