@@ -188,15 +188,43 @@ POOLINGS = ("mean", "cls")
 
 
 @dataclass
+class PretrainSection:
+    """Reward pre-training on within-prompt answer pairs (gpu_jobs/models/reward_model.py, ``pretrain``)."""
+    data: str = ""  # answers parquet: question_id, prompt, response, judge_score (e.g. arena_bench_answers)
+    epochs: int = 1
+    lr: float | None = None  # None: training.lr (the head gets training.head_lr as in fine-tuning)
+    batch_size: int | None = None  # None: training.batch_size
+    max_length: int | None = None  # None: training.max_length
+    max_pairs: int | None = None  # seeded subsample of the pairs (None: all ~30k of arena_bench_answers)
+    score_scale: float = 1.0  # soft target P(first beats second) = sigmoid((score_1 - score_2) / score_scale)
+    warmup_steps: int = 10
+
+
+@dataclass
 class RewardModelConfig(_NeuralConfig):
     family: str = "reward_model"
     pooling: str = "mean"  # mean | cls: how a side's token states become one vector
     tie_log_nu_init: float = 0.0  # Davidson tie parameter log(nu) at the start (0: P(tie) = 1/3 when r_A = r_B)
+    pretrain: PretrainSection | None = None  # null (default): no pre-training stage
 
     def validate(self, source: str) -> None:
         super().validate(source)
         if self.pooling not in POOLINGS:
             raise ValueError(_where(source, "pooling") + f" must be one of {POOLINGS}, got {self.pooling!r}")
+        pt = self.pretrain
+        if pt is not None:
+            for key, ok, what in [
+                ("pretrain.data", bool(pt.data), "must name an answers parquet"),
+                ("pretrain.epochs", pt.epochs >= 1, "must be >= 1"),
+                ("pretrain.lr", pt.lr is None or pt.lr > 0, "must be > 0 or null"),
+                ("pretrain.batch_size", pt.batch_size is None or pt.batch_size >= 1, "must be >= 1 or null"),
+                ("pretrain.max_length", pt.max_length is None or pt.max_length >= 16, "must be >= 16 or null"),
+                ("pretrain.max_pairs", pt.max_pairs is None or pt.max_pairs >= 1, "must be >= 1 or null"),
+                ("pretrain.score_scale", pt.score_scale > 0, "must be > 0"),
+                ("pretrain.warmup_steps", pt.warmup_steps >= 0, "must be >= 0"),
+            ]:
+                if not ok:
+                    raise ValueError(_where(source, key) + f" {what}, got {_get(self, key)!r}")
 
 
 @dataclass

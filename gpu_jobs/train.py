@@ -283,7 +283,7 @@ class Checkpointer:
 
 # ------------------------------------------------------------------------------------------ training
 def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accelerator, history_path: Path | None,
-               checkpointer: Checkpointer | None = None, log=None, report=None):
+               checkpointer: Checkpointer | None = None, log=None, report=None, held_out: pd.DataFrame | None = None):
     """The training loop. Returns (unwrapped model, tokenizer, stats).
 
     ``report`` (the main process's Pipes ``report_custom_message``) gets ``{"kind": "step", "step", "epoch",
@@ -291,7 +291,10 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
 
     With a ``checkpointer`` the loop first resumes from the job's latest complete checkpoint, if any
     (batches already done in that epoch are skipped: the order is seeded), and saves one every
-    ``checkpointer.every`` optimiser steps."""
+    ``checkpointer.every`` optimiser steps.
+
+    A family with a pre-training stage (``module.pretrain``; the reward model's ``pretrain:`` section) runs it
+    first, on data that must not touch ``held_out`` (the validation rows); its metrics join ``stats``."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -299,6 +302,9 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
     t = cfg.training
     module = family_module(cfg.family)
     model, tokenizer = module.build(cfg, device=accelerator.device)
+    pre_stats = {}
+    if getattr(cfg, "pretrain", None) is not None and hasattr(module, "pretrain"):
+        pre_stats = module.pretrain(cfg, model, tokenizer, accelerator, held_out, log=log)
 
     encode, collator, row_length = family_io(module, cfg)
     ids = encode(train_df, tokenizer, t.max_length, cfg.text.truncation_side,
@@ -401,6 +407,7 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
         "first_train_loss": step_losses[0] if step_losses else None,
         # mean of the last 10 % of steps (at least 1): one step is too noisy to compare runs by
         "final_train_loss": float(np.mean(step_losses[-max(1, len(step_losses) // 10):])) if step_losses else None,
+        **pre_stats,
     }
     model = accelerator.unwrap_model(model)
     model.eval()
@@ -464,7 +471,7 @@ def run(args: argparse.Namespace, cfg, accelerator, pipes, precision: Precision 
         model, tokenizer, stats = fit_neural(cfg, train_df, y, w, accelerator,
                                              partial / "history.jsonl" if main_proc else None,
                                              checkpointer=checkpointer, log=pipes.log,
-                                             report=pipes.report_custom_message)
+                                             report=pipes.report_custom_message, held_out=val_df)
 
     if main_proc:  # save the model before predicting: a crash in prediction should not lose it
         if cfg.family == "features":
@@ -508,6 +515,7 @@ def run(args: argparse.Namespace, cfg, accelerator, pipes, precision: Precision 
             "fold": args.fold, "family": cfg.family, "name": cfg.name,
             "num_processes": accelerator.num_processes,
             **({"precision": precision.name} if precision is not None else {}),
+            **{k: v for k, v in stats.items() if k.startswith("pretrain_")},
         }
         if probs_tta is not None:
             metrics["val_log_loss_tta"] = log_losses(probs_tta, y_val)["log_loss"]

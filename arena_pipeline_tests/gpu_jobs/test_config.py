@@ -103,3 +103,13 @@ def test_siamese_family_settings_are_checked(key, value):
     family = "reward_model" if key == "pooling" else "bi_encoder"
     with pytest.raises(ValueError, match=f"key '{key}'"):
         load_config(CONFIGS / f"{family}_minilm.yaml", [f"{key}={value}"])
+
+
+def test_reward_pretraining_section_is_checked():
+    cfg = load_config(CONFIGS / "reward_model_deberta_v3.yaml")
+    assert cfg.pretrain is not None and cfg.pretrain.data.endswith("arena_bench_answers.parquet")
+    assert load_config(CONFIGS / "reward_model_minilm.yaml").pretrain is None  # off unless asked for
+    with pytest.raises(ValueError, match="key 'pretrain.score_scale'"):
+        load_config(CONFIGS / "reward_model_minilm.yaml", ["pretrain.data=x.parquet", "pretrain.score_scale=0"])
+    with pytest.raises(ValueError, match="key 'pretrain.data'"):
+        load_config(CONFIGS / "reward_model_minilm.yaml", ["pretrain.epochs=1"])

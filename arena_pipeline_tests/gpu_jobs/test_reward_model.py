@@ -116,3 +116,47 @@ def test_train_job_writes_oof_and_metrics_and_its_model_predicts_swap_exactly(tm
     swapped, _ = predict_frame(out / "model", swap_frame(val))
     np.testing.assert_allclose(swap_probs(swapped), probs, atol=1e-6)
     np.testing.assert_allclose(probs, oof.set_index("id").loc[val.id, ["p_a", "p_b", "p_tie"]].to_numpy(), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ pre-training
+ANSWERS = ROOT / "data" / "shipped" / "arena_bench_answers.parquet"
+
+
+def test_answer_pairs_are_graded_by_the_score_gap_and_skip_held_out_prompts():
+    answers = pd.read_parquet(ANSWERS)
+    pairs_all, dropped_none = reward_model.answer_pairs(answers, None, score_scale=2.0)
+    assert dropped_none == 0 and 25_000 < len(pairs_all) <= 29_972  # every within-question pair (bar equal texts)
+    held_out = pd.read_parquet(PAIRS).drop(columns=["question_id"]).sample(200, random_state=0)
+    pairs, dropped = reward_model.answer_pairs(answers, held_out, score_scale=2.0)
+    banned = {reward_model.prompt_key(c) for c in held_out["prompt"]}
+    assert dropped > 0 and len(pairs) < len(pairs_all)
+    assert not any(reward_model.prompt_key(c) in banned for c in pairs["prompt"])  # fold discipline
+    # soft target from the judge-score gap: sigmoid((s_A - s_B) / scale)
+    score = dict(zip(zip(answers.prompt, answers.response), answers.judge_score))
+    gap = np.array([score[(p, a)] - score[(p, b)] for p, a, b in pairs[["prompt", "response_a", "response_b"]].head(50).to_numpy()])
+    np.testing.assert_allclose(pairs["target_a"].head(50), 1 / (1 + np.exp(-gap / 2.0)))
+    assert 0.4 < (pairs["target_a"] > 0.5).mean() / max((pairs["target_a"] != 0.5).mean(), 1e-9) < 0.6  # A/B balanced
+
+
+def test_train_job_pretrains_on_answer_pairs_without_the_validation_prompts(tmp_path):
+    from accelerate.state import AcceleratorState
+
+    from gpu_jobs.train import main
+
+    frame = rows(8, seed=4)
+    data = tmp_path / "train.parquet"
+    frame.to_parquet(data)
+    out = tmp_path / "out"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        main(["--config", str(CONFIG), "--fold", "0", "--data", str(data), "--output-dir", str(out),
+              "--set", *SMALL, "training.epochs=1", f"pretrain.data={ANSWERS}", "pretrain.max_pairs=16", "pretrain.batch_size=8",
+              "pretrain.epochs=3", "pretrain.lr=1e-3", "pretrain.max_length=40", "pretrain.warmup_steps=0"])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["pretrain_pairs"] == 16 and metrics["pretrain_steps"] == 6
+    n_val_prompts = frame[frame.fold == 0]["prompt"].map(reward_model.prompt_key).nunique()
+    assert metrics["pretrain_answers_dropped"] >= 12 * n_val_prompts  # >= 12 answers per question
+    assert metrics["pretrain_final_loss"] < metrics["pretrain_first_loss"], metrics
+    assert metrics["pretrain_examples_per_s"] > 0 and len(pd.read_parquet(out / "oof.parquet")) == 2
