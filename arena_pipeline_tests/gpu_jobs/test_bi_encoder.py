@@ -3,40 +3,17 @@ through the same gpu_jobs.train loop and job (real arena-bench rows, the shipped
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
-import pandas as pd
-import pytest
 import torch
 
-from gpu_jobs import data as D
+from arena_pipeline_tests.gpu_jobs.family_support import CONFIGS, overfit_stats, rows, run_train_job
 from gpu_jobs.config import load_config
 from gpu_jobs.contract.swap import swap_frame, swap_probs
 from gpu_jobs.models import bi_encoder, pairwise
 from gpu_jobs.predict import predict_frame, predict_loaded
 
-ROOT = Path(__file__).resolve().parents[2]
-PAIRS = ROOT / "data" / "shipped" / "arena_bench_pairs.parquet"
-CONFIG = ROOT / "gpu_jobs" / "configs" / "bi_encoder_minilm.yaml"
+CONFIG = CONFIGS / "bi_encoder_minilm.yaml"
 SMALL = ["training.max_length=64", "inference.max_length=64", "inference.batch_size=5", "training.batch_size=8"]
-
-
-def rows(n: int, seed: int = 0) -> pd.DataFrame:
-    frame = pd.read_parquet(PAIRS).sample(n, random_state=seed).reset_index(drop=True)
-    return frame.assign(fold=np.arange(n) % 4)
-
-
-@pytest.fixture
-def accelerator():
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    acc = Accelerator(cpu=True, mixed_precision="no")
-    yield acc
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_head_is_swap_equivariant_on_random_vectors():
@@ -74,38 +51,24 @@ def test_untrained_model_predicts_probabilities_that_permute_exactly_under_a_swa
     np.testing.assert_allclose(swap_probs(swapped), probs, atol=1e-6)
 
 
-def test_loss_goes_down_on_an_overfittable_batch(accelerator):
-    from gpu_jobs.train import fit_neural
-
+def test_loss_goes_down_on_an_overfittable_batch():
     cfg = load_config(CONFIG, [
         "training.max_length=48", "training.batch_size=8", "training.epochs=8", "training.lr=1e-3",
         "training.head_lr=3e-3", "training.warmup_steps=0", "training.scheduler=constant",
         "training.weight_decay=0", "head_dropout=0.0", "precision=fp32"])
-    frame = rows(8)
-    _, _, stats = fit_neural(cfg, frame, D.targets(frame), D.sample_weights(frame), accelerator, None)
+    stats = overfit_stats(cfg, rows(8))
     assert stats["n_steps"] == 8
     assert stats["final_train_loss"] < 0.7 * stats["first_train_loss"], stats
 
 
 def test_train_job_writes_oof_and_metrics_and_its_model_predicts_swap_exactly(tmp_path):
-    from accelerate.state import AcceleratorState
-
-    from gpu_jobs.train import main
-
     frame = rows(24, seed=1)
-    data = tmp_path / "train.parquet"
-    frame.to_parquet(data)
-    out = tmp_path / "out"
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        main(["--config", str(CONFIG), "--fold", "1", "--data", str(data), "--output-dir", str(out),
-              "--set", *SMALL, "training.epochs=1"])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    out, metrics = run_train_job(CONFIG, frame, tmp_path, 1, [*SMALL, "training.epochs=1"])
+    import pandas as pd
+
     oof = pd.read_parquet(out / "oof.parquet")
     assert set(oof.id) == set(frame.id[frame.fold == 1]) and (oof.fold == 1).all()
     assert np.allclose(oof[["p_a", "p_b", "p_tie"]].sum(axis=1), 1, atol=1e-6)
-    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["family"] == "bi_encoder" and metrics["n_train"] == 18 and metrics["train_examples_per_s"] > 0
     val = frame[frame.fold == 1].reset_index(drop=True)
     probs, _ = predict_frame(out / "model", val)

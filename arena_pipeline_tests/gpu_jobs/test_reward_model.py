@@ -3,40 +3,20 @@ through the same gpu_jobs.train loop and job (real arena-bench rows, the shipped
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from arena_pipeline_tests.gpu_jobs.family_support import CONFIGS, PAIRS, ROOT, overfit_stats, rows, run_train_job
 from gpu_jobs import data as D
 from gpu_jobs.config import load_config
 from gpu_jobs.contract.swap import swap_frame, swap_probs
 from gpu_jobs.models import reward_model
 from gpu_jobs.predict import predict_frame, predict_loaded
 
-ROOT = Path(__file__).resolve().parents[2]
-PAIRS = ROOT / "data" / "shipped" / "arena_bench_pairs.parquet"
-CONFIG = ROOT / "gpu_jobs" / "configs" / "reward_model_minilm.yaml"
+CONFIG = CONFIGS / "reward_model_minilm.yaml"
 SMALL = ["training.max_length=64", "inference.max_length=64", "inference.batch_size=5", "training.batch_size=8"]
-
-
-def rows(n: int, seed: int = 0) -> pd.DataFrame:
-    frame = pd.read_parquet(PAIRS).sample(n, random_state=seed).reset_index(drop=True)
-    return frame.assign(fold=np.arange(n) % 4)
-
-
-@pytest.fixture
-def accelerator():
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    acc = Accelerator(cpu=True, mixed_precision="no")
-    yield acc
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_davidson_logits_give_the_closed_form_probabilities():
@@ -72,43 +52,27 @@ def test_untrained_model_predicts_probabilities_that_permute_exactly_under_a_swa
     np.testing.assert_allclose(again, probs, atol=1e-6)
 
 
-def test_loss_goes_down_on_an_overfittable_batch(accelerator):
-    from gpu_jobs.train import fit_neural
-
+def test_loss_goes_down_on_an_overfittable_batch():
     cfg = load_config(CONFIG, [
         "training.max_length=48", "training.batch_size=8", "training.epochs=8", "training.lr=1e-3",
         "training.head_lr=1e-2", "training.warmup_steps=0", "training.scheduler=constant",
         "training.weight_decay=0", "precision=fp32"])
-    frame = rows(8)
-    model, _, stats = fit_neural(cfg, frame, D.targets(frame), D.sample_weights(frame), accelerator, None)
+    stats = overfit_stats(cfg, rows(8))
     assert stats["n_steps"] == 8 and stats["train_examples_per_s"] > 0
     assert stats["final_train_loss"] < 0.7 * stats["first_train_loss"], stats
-    assert model.log_nu.requires_grad  # the tie parameter is trained with the rest
 
 
 def test_train_job_writes_oof_and_metrics_and_its_model_predicts_swap_exactly(tmp_path):
-    from accelerate.state import AcceleratorState
-
-    from gpu_jobs.train import main
-
     frame = rows(24, seed=1)
-    data = tmp_path / "train.parquet"
-    frame.to_parquet(data)
     extra = tmp_path / "extra.parquet"
     frame.head(6).drop(columns=D.WINNER_COLUMNS + ["fold"]).to_parquet(extra)
-    out = tmp_path / "out"
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        main(["--config", str(CONFIG), "--fold", "0", "--data", str(data), "--output-dir", str(out),
-              "--predict", f"extra={extra}", "--set", *SMALL, "training.epochs=1"])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    out, metrics = run_train_job(CONFIG, frame, tmp_path, 0, [*SMALL, "training.epochs=1"],
+                                 extra=["--predict", f"extra={extra}"])
     oof = pd.read_parquet(out / "oof.parquet")
     assert set(oof.id) == set(frame.id[frame.fold == 0]) and (oof.fold == 0).all()
     assert np.allclose(oof[["p_a", "p_b", "p_tie"]].sum(axis=1), 1, atol=1e-6)
     assert len(pd.read_parquet(out / "pred_extra.parquet")) == 6
     assert not (out / "oof_tta.parquet").exists()  # tta: false in the config
-    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["family"] == "reward_model" and metrics["n_train"] == 18 and metrics["n_val"] == 6
     assert metrics["train_examples_per_s"] > 0 and metrics["wall_s"] > 0
     val = frame[frame.fold == 0].reset_index(drop=True)
@@ -139,22 +103,10 @@ def test_answer_pairs_are_graded_by_the_score_gap_and_skip_held_out_prompts():
 
 
 def test_train_job_pretrains_on_answer_pairs_without_the_validation_prompts(tmp_path):
-    from accelerate.state import AcceleratorState
-
-    from gpu_jobs.train import main
-
     frame = rows(8, seed=4)
-    data = tmp_path / "train.parquet"
-    frame.to_parquet(data)
-    out = tmp_path / "out"
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        main(["--config", str(CONFIG), "--fold", "0", "--data", str(data), "--output-dir", str(out),
-              "--set", *SMALL, "training.epochs=1", f"pretrain.data={ANSWERS}", "pretrain.max_pairs=16", "pretrain.batch_size=8",
-              "pretrain.epochs=3", "pretrain.lr=1e-3", "pretrain.max_length=40", "pretrain.warmup_steps=0"])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-    metrics = json.loads((out / "metrics.json").read_text())
+    out, metrics = run_train_job(CONFIG, frame, tmp_path, 0, [
+        *SMALL, "training.epochs=1", f"pretrain.data={ANSWERS}", "pretrain.max_pairs=16", "pretrain.batch_size=8",
+        "pretrain.epochs=3", "pretrain.lr=1e-3", "pretrain.max_length=40", "pretrain.warmup_steps=0"])
     assert metrics["pretrain_pairs"] == 16 and metrics["pretrain_steps"] == 6
     n_val_prompts = frame[frame.fold == 0]["prompt"].map(reward_model.prompt_key).nunique()
     assert metrics["pretrain_answers_dropped"] >= 12 * n_val_prompts  # >= 12 answers per question

@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from gpu_jobs import data as D
+from arena_pipeline_tests.gpu_jobs.family_support import CONFIGS, overfit_stats, rows, run_train_job
 from gpu_jobs.config import load_config
 from gpu_jobs.contract.swap import swap_frame, swap_probs
 from gpu_jobs.contract.turns import parse_turns
 from gpu_jobs.models import cross_encoder, windowed
-from gpu_jobs.predict import predict_frame, predict_loaded
+from gpu_jobs.predict import predict_frame
 
-ROOT = Path(__file__).resolve().parents[2]
-PAIRS = ROOT / "data" / "shipped" / "arena_bench_pairs.parquet"
-CONFIG = ROOT / "gpu_jobs" / "configs" / "cross_encoder_minilm.yaml"
+CONFIG = CONFIGS / "cross_encoder_minilm.yaml"
 WINDOWS = ["window.stride=48", "window.max_windows=3", "training.max_length=64", "inference.max_length=64",
            "training.batch_size=4", "inference.batch_size=4"]
-
-
-def rows(n: int, seed: int = 0) -> pd.DataFrame:
-    frame = pd.read_parquet(PAIRS).sample(n, random_state=seed).reset_index(drop=True)
-    return frame.assign(fold=np.arange(n) % 4)
 
 
 def test_window_starts_cover_every_token_with_the_given_stride():
@@ -67,21 +56,8 @@ def test_windows_read_each_part_to_its_end():
 
 
 def test_predict_train_and_tta(tmp_path):
-    from accelerate.state import AcceleratorState
-
-    from gpu_jobs.train import main
-
     frame = rows(16, seed=2)
-    data = tmp_path / "train.parquet"
-    frame.to_parquet(data)
-    out = tmp_path / "out"
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        main(["--config", str(CONFIG), "--fold", "0", "--data", str(data), "--output-dir", str(out),
-              "--set", *WINDOWS, "training.epochs=1", "tta=true"])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-    metrics = json.loads((out / "metrics.json").read_text())
+    out, metrics = run_train_job(CONFIG, frame, tmp_path, 0, [*WINDOWS, "training.epochs=1", "tta=true"])
     assert metrics["n_train"] == 12 and metrics["n_val"] == 4 and metrics["train_examples_per_s"] > 0
     oof, oof_tta = pd.read_parquet(out / "oof.parquet"), pd.read_parquet(out / "oof_tta.parquet")
     for pred in (oof, oof_tta):
@@ -94,21 +70,10 @@ def test_predict_train_and_tta(tmp_path):
 
 
 def test_loss_goes_down_on_an_overfittable_batch():
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    from gpu_jobs.train import fit_neural
-
     cfg = load_config(CONFIG, [*WINDOWS, "training.epochs=6", "training.batch_size=4", "training.lr=1e-3",
                                "training.head_lr=1e-3", "training.warmup_steps=0", "training.scheduler=constant",
                                "training.weight_decay=0", "training.max_length=40", "window.stride=24",
                                "window.max_windows=2", "precision=fp32"])
-    frame = rows(4)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        _, _, stats = fit_neural(cfg, frame, D.targets(frame), D.sample_weights(frame),
-                                 Accelerator(cpu=True, mixed_precision="no"), None)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    stats = overfit_stats(cfg, rows(4))
     assert stats["n_steps"] == 6
     assert stats["final_train_loss"] < 0.7 * stats["first_train_loss"], stats

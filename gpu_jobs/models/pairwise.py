@@ -21,7 +21,6 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from gpu_jobs import data as D
-from gpu_jobs.contract.turns import parse_turns
 from gpu_jobs.models.cross_encoder import DROPOUT_KEYS
 from gpu_jobs.models.loading import resolve_model
 
@@ -42,19 +41,7 @@ def encode_frame(frame: pd.DataFrame, tokenizer, max_length: int, truncation_sid
     # format_ids wants six tags (prompt, A, B): the third part is always empty here, and so are its tags
     tags = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in SIDE_TAGS] + [[], []]
     max_chars = max_chars_per_part or 12 * max_length
-    cells = [[parse_turns(v) for v in frame[c].tolist()] for c in ("prompt", "response_a", "response_b")]
-    flat = [t[:max_chars] for col in cells for row in col for t in row]
-    warned = getattr(tokenizer, "deprecation_warnings", None)
-    if isinstance(warned, dict):  # parts are tokenised whole on purpose; the budget is applied below
-        warned["sequence-length-is-longer-than-the-specified-maximum"] = True
-    tokenised = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
-    pos, per_col = 0, []
-    for col in cells:
-        rows = []
-        for row in col:
-            rows.append(tokenised[pos:pos + len(row)])
-            pos += len(row)
-        per_col.append(rows)
+    per_col = D.tokenize_turns(frame, tokenizer, ("prompt", "response_a", "response_b"), max_chars)
 
     def side(prompt, response):
         return prefix + D.format_ids(prompt, response, [], tags, budget, truncation_side) + suffix
