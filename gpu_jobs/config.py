@@ -145,8 +145,16 @@ class NeuralConfig(JobConfig):
     text: TextConfig = Field(default_factory=TextConfig)
 
 
+class WindowSection(Section):
+    """Sliding windows per part (``gpu_jobs/models/windowed.py``); a window is training/inference.max_length long."""
+
+    stride: Int = Field(192, ge=1)  # tokens between window starts (max_length - stride tokens of overlap)
+    max_windows: Int = Field(4, ge=1)  # per part; a longer part keeps its last windows (truncation_side left) or first
+
+
 class CrossEncoderConfig(NeuralConfig):
     family: Literal["cross_encoder"] = "cross_encoder"
+    window: WindowSection | None = None  # null (default): one tagged sequence per row, cut to max_length
 
 
 class LLMClassifierConfig(NeuralConfig):
@@ -162,6 +170,37 @@ class LLMClassifierConfig(NeuralConfig):
             raise ConfigKeyError("quantization.load_in_4bit", "4-bit weights cannot be trained without LoRA; set a "
                                  "`lora:` section or load_in_4bit: false")
         return self
+
+
+# the siamese families: each side (prompt, response) read on its own by a shared encoder
+POOLINGS = ("mean", "cls")  # how a side's token states become one vector
+
+
+class PretrainSection(Section):
+    """Reward pre-training on within-prompt answer pairs (``gpu_jobs.models.reward_model.pretrain``)."""
+
+    data: Str = Field(min_length=1)  # answers parquet: question_id, prompt, response, judge_score
+    epochs: Int = Field(1, ge=1)
+    lr: Float | None = Field(None, gt=0)  # None: training.lr (the head gets training.head_lr as in fine-tuning)
+    batch_size: Int | None = Field(None, ge=1)  # None: training.batch_size
+    max_length: Int | None = Field(None, ge=16)  # None: training.max_length
+    max_pairs: Int | None = Field(None, ge=1)  # seeded subsample of the pairs (None: all ~30k of arena_bench_answers)
+    score_scale: Float = Field(1.0, gt=0)  # soft target P(first beats second) = sigmoid(score gap / score_scale)
+    warmup_steps: Int = Field(10, ge=0)
+
+
+class RewardModelConfig(NeuralConfig):
+    family: Literal["reward_model"] = "reward_model"
+    pooling: Literal[POOLINGS] = "mean"  # type: ignore[valid-type]
+    tie_log_nu_init: Float = 0.0  # Davidson tie parameter log(nu) at the start (0: P(tie) = 1/3 when r_A = r_B)
+    pretrain: PretrainSection | None = None  # null (default): no pre-training stage
+
+
+class BiEncoderConfig(NeuralConfig):
+    family: Literal["bi_encoder"] = "bi_encoder"
+    pooling: Literal[POOLINGS] = "mean"  # type: ignore[valid-type]
+    head_hidden: Int = Field(256, ge=1)  # hidden units of the win and tie MLPs
+    head_dropout: Float = Field(0.1, ge=0, lt=1)
 
 
 # --------------------------------------------------------------------------------------------- errors

@@ -188,10 +188,19 @@ def encode_frame(frame: pd.DataFrame, tokenizer, max_length: int, truncation_sid
     tags = _tag_ids(tokenizer)
     max_chars = max_chars_per_part or 12 * max_length  # a part longer than this cannot fit anyway
     col_a, col_b = ("response_b", "response_a") if swap else ("response_a", "response_b")
-    cells = [[parse_turns(v) for v in frame[c].tolist()] for c in ("prompt", col_a, col_b)]
+    per_col = tokenize_turns(frame, tokenizer, ("prompt", col_a, col_b), max_chars)
+    return [prefix + format_ids(p, a, b, tags, budget, truncation_side) + suffix
+            for p, a, b in zip(*per_col)]
+
+
+def tokenize_turns(frame: pd.DataFrame, tokenizer, columns: Sequence[str],
+                   max_chars: int) -> list[list[list[list[int]]]]:
+    """Token ids (no specials) per column, row and turn, each turn cut to ``max_chars`` characters first;
+    one tokenizer call for everything."""
+    cells = [[parse_turns(v) for v in frame[c].tolist()] for c in columns]
     flat = [t[:max_chars] for col in cells for row in col for t in row]
     warned = getattr(tokenizer, "deprecation_warnings", None)
-    if isinstance(warned, dict):  # parts are tokenised whole on purpose; the budget is applied below
+    if isinstance(warned, dict):  # parts are tokenised whole on purpose; the budget is applied by the caller
         warned["sequence-length-is-longer-than-the-specified-maximum"] = True
     tokenised = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
     pos = 0
@@ -202,8 +211,7 @@ def encode_frame(frame: pd.DataFrame, tokenizer, max_length: int, truncation_sid
             rows.append(tokenised[pos:pos + len(row)])
             pos += len(row)
         per_col.append(rows)
-    return [prefix + format_ids(p, a, b, tags, budget, truncation_side) + suffix
-            for p, a, b in zip(*per_col)]
+    return per_col
 
 
 def format_text(frame: pd.DataFrame, row: int = 0, swap: bool = False) -> str:

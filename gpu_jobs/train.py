@@ -285,7 +285,7 @@ class Checkpointer:
 
 # ------------------------------------------------------------------------------------------ training
 def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accelerator, history_path: Path | None,
-               checkpointer: Checkpointer | None = None, log=None, report=None):
+               checkpointer: Checkpointer | None = None, log=None, report=None, held_out: pd.DataFrame | None = None):
     """The training loop. Returns (unwrapped model, tokenizer, stats).
 
     ``report`` (the main process's Pipes ``report_custom_message``) gets ``{"kind": "step", "step", "epoch",
@@ -293,7 +293,11 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
 
     With a ``checkpointer`` the loop first resumes from the job's latest complete checkpoint, if any
     (batches already done in that epoch are skipped: the order is seeded), and saves one every
-    ``checkpointer.every`` optimiser steps."""
+    ``checkpointer.every`` optimiser steps.
+
+    The family's rows become batches through its ``RowIO`` (``family.io(cfg)``). A family with a pre-training
+    stage (``family.pretrain``; the reward model's ``pretrain:`` section) runs it first, on data that must not
+    touch ``held_out`` (the validation rows); its metrics join ``stats``."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -301,14 +305,16 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
     t = cfg.training
     family = family_of(cfg)
     model, tokenizer = family.build(cfg, device=accelerator.device)
+    pre_stats = family.pretrain(cfg, model, tokenizer, accelerator, held_out, log=log)
 
-    ids = D.encode_frame(train_df, tokenizer, t.max_length, cfg.text.truncation_side,
-                         max_chars_per_part=cfg.text.max_chars_per_part)
+    io = family.io(cfg)
+    ids = io.encode(train_df, tokenizer, t.max_length, cfg.text.truncation_side,
+                    max_chars_per_part=cfg.text.max_chars_per_part)
     sampler_cls = D.LengthGroupedBatchSampler if t.group_by_length else D.RandomBatchSampler
-    sampler = sampler_cls([len(x) for x in ids], t.batch_size, seed=cfg.seed)
+    sampler = sampler_cls([io.row_length(x) for x in ids], t.batch_size, seed=cfg.seed)
     pad_multiple = 8 if accelerator.device.type == "cuda" else None
     loader = DataLoader(D.PairsDataset(ids, y, w), batch_sampler=sampler,
-                        collate_fn=D.Collator(tokenizer.pad_token_id, pad_multiple))
+                        collate_fn=io.collator(tokenizer.pad_token_id, pad_multiple))
 
     # counted on the whole (unsharded) loader: accelerate steps a prepared scheduler once per process
     total_steps = math.ceil(len(loader) / t.grad_accum) * t.epochs
@@ -402,6 +408,7 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
         "first_train_loss": step_losses[0] if step_losses else None,
         # mean of the last 10 % of steps (at least 1): one step is too noisy to compare runs by
         "final_train_loss": float(np.mean(step_losses[-max(1, len(step_losses) // 10):])) if step_losses else None,
+        **pre_stats,
     }
     model = accelerator.unwrap_model(model)
     model.eval()
@@ -454,7 +461,7 @@ def run(args: argparse.Namespace, cfg, accelerator, pipes, precision: Precision 
         model, tokenizer, stats = family.fit(cfg, train_df, y, w, accelerator,
                                              partial / "history.jsonl" if main_proc else None,
                                              checkpointer=checkpointer, log=pipes.log,
-                                             report=pipes.report_custom_message)
+                                             report=pipes.report_custom_message, held_out=val_df)
 
     if main_proc:  # save the model before predicting: a crash in prediction should not lose it
         family.save(model, tokenizer, partial / "model")
@@ -495,6 +502,7 @@ def run(args: argparse.Namespace, cfg, accelerator, pipes, precision: Precision 
             "fold": args.fold, "family": cfg.family, "name": cfg.name,
             "num_processes": accelerator.num_processes,
             **({"precision": precision.name} if precision is not None else {}),
+            **{k: v for k, v in stats.items() if k.startswith("pretrain_")},
         }
         if probs_tta is not None:
             metrics["val_log_loss_tta"] = log_losses(probs_tta, y_val)["log_loss"]

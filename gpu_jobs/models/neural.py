@@ -1,6 +1,14 @@
 """What the neural families share: the ``ModelFamily`` implementation around a family's ``build`` / ``save`` /
 ``load`` (see ``gpu_jobs.models.registry``), and batched prediction of pre-tokenised rows.
 
+How a family's rows become model inputs is its ``RowIO`` (``NeuralFamily.io(cfg)``): ``encode`` (frame ->
+one pre-tokenised row per pair), ``collator`` (batch of rows -> ``input_ids`` / ``attention_mask`` tensors) and
+``row_length`` (the cost a row is grouped and sorted by). The default is ``gpu_jobs.data``'s one tagged
+sequence per row; the siamese families read each side on its own (``gpu_jobs.models.pairwise``) and the
+cross-encoder's ``window:`` option reads each part through sliding windows (``gpu_jobs.models.windowed``).
+An optional pre-training stage (``NeuralFamily.pretrain``, the reward model's ``pretrain:`` section) runs
+on the freshly built model before the loop, kept away from the held-out (validation) rows.
+
 Training is the shared accelerate loop, ``gpu_jobs.train.fit_neural`` (imported when called: the loop
 belongs to the training job). Prediction tokenises the rows, sorts them by length (longest first), cuts them
 into batches padded to their own longest row and returns results in input order; TTA swaps A and B in the
@@ -13,9 +21,31 @@ from __future__ import annotations
 import contextlib
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
+
+
+class RowIO(NamedTuple):
+    """How a family's rows become model inputs (see the module docstring)."""
+
+    encode: Callable[..., list]  # (frame, tokenizer, max_length, truncation_side, swap=False, max_chars_per_part=0)
+    collator: Callable[..., Callable]  # (pad_token_id, pad_to_multiple_of=None) -> collate_fn(items) -> batch
+    row_length: Callable[[Any], int] = len  # what batches are grouped and sorted by
+
+
+def tagged_io() -> RowIO:
+    """``gpu_jobs.data``'s layout: one tagged sequence per row (prompt, response A, response B)."""
+    from gpu_jobs import data as D
+
+    return RowIO(D.encode_frame, D.Collator, len)
+
+
+def siamese_io(cfg=None) -> RowIO:
+    """The siamese families' layout (``gpu_jobs.models.pairwise``): (prompt, A) and (prompt, B) read apart."""
+    from gpu_jobs.models import pairwise
+
+    return RowIO(pairwise.encode_frame, pairwise.Collator, pairwise.row_length)
 
 
 def default_device():
@@ -33,20 +63,22 @@ def _autocast(device, precision):
 
 
 def predict_ids(model, ids: list[list[int]], pad_token_id: int, batch_size: int, device, precision=None,
-                accelerator=None, sort: bool = True, progress: bool = False) -> np.ndarray:
+                accelerator=None, sort: bool = True, progress: bool = False, collator=None,
+                row_length=len) -> np.ndarray:
     """Class probabilities (n, 3) for pre-tokenised rows, in input order, on every process; autocast in
-    ``precision`` (None: the model's own dtype)."""
+    ``precision`` (None: the model's own dtype). ``collator`` / ``row_length``: the family's ``RowIO``
+    (default: ``gpu_jobs.data.Collator``, ``len``)."""
     import torch
 
     from gpu_jobs import data as D
 
     with torch.inference_mode():
         model.eval()
-        batches = D.sorted_batches([len(x) for x in ids], batch_size, sort=sort)
+        batches = D.sorted_batches([row_length(x) for x in ids], batch_size, sort=sort)
         n_proc = accelerator.num_processes if accelerator is not None else 1
         rank = accelerator.process_index if accelerator is not None else 0
         mine = batches[rank::n_proc]  # strided: every process gets a share of the long batches
-        collate = D.Collator(pad_token_id)
+        collate = (collator or D.Collator)(pad_token_id)
         pieces: list[tuple[np.ndarray, np.ndarray]] = []
         if progress and rank == 0:
             from tqdm.auto import tqdm
@@ -78,7 +110,12 @@ def predict_ids(model, ids: list[list[int]], pad_token_id: int, batch_size: int,
 
 @dataclass(frozen=True)
 class NeuralFamily:
-    """A family trained by the shared accelerate loop: a ``transformers`` 3-class sequence classifier."""
+    """A family trained by the shared accelerate loop: a model whose ``forward(input_ids, attention_mask)``
+    returns 3-class ``logits`` (a ``transformers`` sequence classifier, or a module that answers alike).
+
+    ``io_fn(cfg)`` -> ``RowIO`` or None (None, or no ``io_fn``: ``tagged_io()``); ``pretrain_fn(cfg, model,
+    tokenizer, accelerator, held_out, log=None)`` -> metrics dict (``pretrain_*`` keys, ``{}`` when the config
+    asks for no pre-training), run on the freshly built model before the training loop."""
 
     name: str
     config_class: type
@@ -86,14 +123,27 @@ class NeuralFamily:
     save_fn: Callable[..., None]  # (model, tokenizer, model_dir)
     load_fn: Callable[..., tuple[Any, Any]]  # (model_dir, cfg, device=None) -> (model, tokenizer) in eval mode
     head_names: tuple[str, ...]  # parameter-name parts trained at training.head_lr
+    io_fn: Callable[[Any], RowIO | None] | None = None
+    pretrain_fn: Callable[..., dict] | None = None
     neural: bool = True
     kinds: frozenset[str] = frozenset({"pytorch"})
 
-    def fit(self, cfg, train_df, y, w, accelerator, history_path=None, checkpointer=None, log=None, report=None):
+    def io(self, cfg) -> RowIO:
+        """How rows of this config become model inputs (training and prediction alike)."""
+        return (self.io_fn(cfg) if self.io_fn is not None else None) or tagged_io()
+
+    def pretrain(self, cfg, model, tokenizer, accelerator, held_out=None, log=None) -> dict:
+        """The family's pre-training stage on ``model`` (in place), never touching ``held_out``; its metrics."""
+        if self.pretrain_fn is None:
+            return {}
+        return self.pretrain_fn(cfg, model, tokenizer, accelerator, held_out, log=log)
+
+    def fit(self, cfg, train_df, y, w, accelerator, history_path=None, checkpointer=None, log=None, report=None,
+            held_out=None):
         from gpu_jobs.train import fit_neural
 
         return fit_neural(cfg, train_df, y, w, accelerator, history_path, checkpointer=checkpointer, log=log,
-                          report=report)
+                          report=report, held_out=held_out)
 
     def save(self, model, tokenizer, model_dir) -> None:
         self.save_fn(model, tokenizer, model_dir)
@@ -115,12 +165,39 @@ class NeuralFamily:
         max_length = max_length or cfg.inference.max_length
         precision = resolve(cfg.precision, device.type)
 
+        io = self.io(cfg)
+
         def run(swap: bool) -> np.ndarray:
-            ids = D.encode_frame(frame, tokenizer, max_length, cfg.text.truncation_side, swap=swap,
-                                 max_chars_per_part=cfg.text.max_chars_per_part)
+            ids = io.encode(frame, tokenizer, max_length, cfg.text.truncation_side, swap=swap,
+                            max_chars_per_part=cfg.text.max_chars_per_part)
             return predict_ids(model, ids, tokenizer.pad_token_id, batch_size, device, precision, accelerator,
-                               progress=progress)
+                               progress=progress, collator=io.collator, row_length=io.row_length)
 
         probs = run(swap=False)
         probs_tta = run(swap=True)[:, D.SWAP_PERMUTATION] if tta else None
         return probs, probs_tta
+
+
+def siamese_family(name: str, config_class: type, make_model: Callable, head_names: tuple[str, ...],
+                   **kwargs) -> NeuralFamily:
+    """A ``NeuralFamily`` built on ``gpu_jobs.models.pairwise`` (imported when first used, with ``torch``):
+    ``make_model(encoder, cfg)`` -> its ``SiameseModel``; the encoder is a transformers folder and the head
+    ``head.safetensors``; rows read with ``siamese_io``. ``kwargs``: more ``NeuralFamily`` fields."""
+
+    def build(cfg, device=None):
+        from gpu_jobs.models import pairwise
+
+        return pairwise.build(cfg, make_model)
+
+    def save(model, tokenizer, model_dir) -> None:
+        from gpu_jobs.models import pairwise
+
+        pairwise.save(model, tokenizer, model_dir)
+
+    def load(model_dir, cfg, device=None):
+        from gpu_jobs.models import pairwise
+
+        return pairwise.load(model_dir, cfg, make_model)
+
+    return NeuralFamily(name, config_class, build=build, save_fn=save, load_fn=load, head_names=head_names,
+                        io_fn=siamese_io, **kwargs)

@@ -8,9 +8,10 @@ A family is a module under ``gpu_jobs/models`` that defines ``FAMILY``, an objec
   precision, gradient accumulation, checkpoints); False when the main process alone fits and predicts it
   (cheap CPU models such as ``features``), the other ranks waiting;
 - ``kinds``: the Dagster asset kinds of its jobs (``{"pytorch"}``, ``{"scikitlearn"}``, ...);
-- ``fit(cfg, train_df, y, w, accelerator, history_path=None, checkpointer=None, log=None, report=None)``
-  -> ``(model, tokenizer_or_None, stats)`` with stats ``train_examples_per_s``, ``train_s``, ``n_steps``,
-  ``resumed_from_step``, ``first_train_loss``, ``final_train_loss``;
+- ``fit(cfg, train_df, y, w, accelerator, history_path=None, checkpointer=None, log=None, report=None,
+  held_out=None)`` -> ``(model, tokenizer_or_None, stats)`` with stats ``train_examples_per_s``, ``train_s``,
+  ``n_steps``, ``resumed_from_step``, ``first_train_loss``, ``final_train_loss`` (plus ``pretrain_*`` after a
+  pre-training stage); ``held_out`` is the validation fold, which no stage may train on;
 - ``save(model, tokenizer, model_dir)`` and ``load(model_dir, cfg, device=None)`` -> ``(model, tokenizer)``;
 - ``predict(cfg, model, tokenizer, frame, tta=False, batch_size=None, max_length=None, device=None,
   accelerator=None, progress=False)`` -> ``(probs, probs_tta_or_None)``, (n, 3) A, B, tie in input order.
@@ -19,23 +20,27 @@ A neural family only writes ``build(cfg, device)`` -> ``(model, tokenizer)`` (a
 ``transformers`` sequence classifier with 3 labels), ``save``, ``load`` and ``HEAD_NAMES`` (the parameter
 name parts that get ``training.head_lr``), and wraps them in ``gpu_jobs.models.neural.NeuralFamily``, which
 supplies ``fit`` (the shared loop) and ``predict`` (length-sorted batches, TTA). Its config class
-subclasses ``gpu_jobs.config.NeuralConfig``.
+subclasses ``gpu_jobs.config.NeuralConfig``. A family whose rows are not one tagged sequence passes
+``io_fn=`` (``cfg`` -> ``neural.RowIO``: encode / collate / row length, used by training and prediction
+alike; the siamese ``reward_model`` / ``bi_encoder`` and the cross-encoder's ``window:`` option), and one
+with a pre-training stage ``pretrain_fn=`` (the reward model); ``gpu_jobs.train`` / ``predict`` only ask
+``family.io(cfg)`` and ``family.pretrain(...)``.
 
-Adding a family (e.g. ``bi_encoder``): write ``gpu_jobs/models/bi_encoder.py`` with the module-level
-``build``/``save``/``load``/``HEAD_NAMES`` of today's ``family_module`` pattern and, at its end::
+Adding a family (e.g. ``my_family``): write ``gpu_jobs/models/my_family.py`` with the module-level
+``build``/``save``/``load``/``HEAD_NAMES`` and, at its end::
 
-    class BiEncoderConfig(NeuralConfig):
-        family: Literal["bi_encoder"] = "bi_encoder"
+    class MyFamilyConfig(NeuralConfig):
+        family: Literal["my_family"] = "my_family"
         # ... the family's own sections, with extra keys forbidden as in NeuralConfig
 
-    FAMILY = NeuralFamily("bi_encoder", BiEncoderConfig, build=build, save_fn=save, load_fn=load,
+    FAMILY = NeuralFamily("my_family", MyFamilyConfig, build=build, save_fn=save, load_fn=load,
                           head_names=HEAD_NAMES)
 
-then add its one line to ``FAMILIES`` below (``"bi_encoder": "gpu_jobs.models.bi_encoder",``). Nothing else
+then add its one line to ``FAMILIES`` below (``"my_family": "gpu_jobs.models.my_family",``). Nothing else
 changes: ``gpu_jobs.train`` / ``predict`` / ``probe`` and the Dagster assets (kinds, demo sizing) ask the
-family; a profile member with ``config: bi_encoder_x.yaml`` has its overrides checked against
-``BiEncoderConfig`` when the profile loads. A non-neural family implements the protocol itself (see
-``FeaturesFamily`` in ``gpu_jobs/models/features.py``). Keep the module's heavy imports (``transformers``, ``peft``)
+family; a profile member with ``config: my_family_x.yaml`` has its overrides checked against
+``MyFamilyConfig`` when the profile loads. A non-neural family implements the protocol itself (see
+``FeaturesFamily`` in ``gpu_jobs/models/features.py``). Keep the module's heavy imports (``torch``, ``transformers``, ``peft``)
 inside its functions: profiles look the config class up when the Dagster definitions load.
 """
 
@@ -48,6 +53,8 @@ FAMILIES: dict[str, str] = {  # family name -> the module that defines FAMILY
     "features": "gpu_jobs.models.features",
     "cross_encoder": "gpu_jobs.models.cross_encoder",
     "llm_classifier": "gpu_jobs.models.llm_classifier",
+    "reward_model": "gpu_jobs.models.reward_model",
+    "bi_encoder": "gpu_jobs.models.bi_encoder",
 }
 
 
@@ -59,7 +66,7 @@ class ModelFamily(Protocol):
     kinds: frozenset[str]
 
     def fit(self, cfg, train_df, y, w, accelerator, history_path=None, checkpointer=None, log=None,
-            report=None) -> tuple[Any, Any, dict]: ...
+            report=None, held_out=None) -> tuple[Any, Any, dict]: ...
 
     def save(self, model, tokenizer, model_dir) -> None: ...
 
