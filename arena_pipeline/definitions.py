@@ -18,6 +18,7 @@ from arena_pipeline.assets.completions import build_completion_assets
 from arena_pipeline.assets.ensembles import build_ensemble_assets
 from arena_pipeline.assets.evaluation import build_evaluation_asset
 from arena_pipeline.assets.folds import build_folds_asset
+from arena_pipeline.assets.hpo import build_hpo_assets
 from arena_pipeline.assets.oof import STAGE1, STAGE2, build_oof_assets
 from arena_pipeline.assets.pseudo_labels import build_pseudo_label_asset
 from arena_pipeline.assets.raw import build_raw_assets
@@ -53,6 +54,7 @@ def build_definitions(profile: Profile) -> dg.Definitions:
         build_folds_asset(profile),
         *build_completion_assets(profile),
         *build_oof_assets(STAGE1, profile),
+        *build_hpo_assets(profile),
         *build_ensemble_assets(profile),
         build_pseudo_label_asset(profile),
         *build_oof_assets(STAGE2, profile),
