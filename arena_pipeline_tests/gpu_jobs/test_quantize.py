@@ -8,17 +8,19 @@ other shipped rows (a real trained member, small: 32 rows, 64 tokens, 4 steps).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from arena_pipeline.bundle import load_manifest, planned_quantization, score_frame, write_bundle
-from arena_pipeline_tests.gpu_jobs.test_predict import CONFIGS, PAIRS
+from arena_pipeline.bundle import load_manifest, planned_quantization, record_quantization, score_frame, write_bundle
+from arena_pipeline_tests.gpu_jobs.test_predict import CONFIGS, PAIRS, ROOT
 from gpu_jobs import data as D
 from gpu_jobs.contract.metrics import log_loss
-from gpu_jobs.predict import predict_frame
+from gpu_jobs.predict import predict_frame, quantization_path
 from gpu_jobs.quantize import BNB_INT8, BNB_NF4, DYNAMIC_INT8, load_quantized, plan
 
 LOG_LOSS_DELTA = 0.01
@@ -82,18 +84,38 @@ def test_int8_minilm_stays_within_the_stated_log_loss_delta(model_dir):
 
 
 def test_bundle_records_how_each_member_was_quantised(model_dir, tmp_path):
-    """A one-member bundle scored in-process with --quantize's path: records per fold, manifest plan, same
-    blend arithmetic (one member, weight 1, temperature 1 -> the member's own probabilities)."""
+    """A one-member bundle (weight 1, temperature 1: the blend is the member's own probabilities) built for int8:
+    bundle.json plans dynamic int8; `arena-pipeline predict` scores with the bundle's mode and reports it."""
+    from arena_pipeline.cli import main
+
     spec = {"members": [{"name": "s1_minilm", "stage": "stage1", "model": "minilm", "tta": False}],
             "weights": {"s1_minilm": 1.0}, "temperature": 1.0}
     configs = {"stage1/minilm": {"family": "cross_encoder"}}
     bundle = write_bundle(tmp_path / "bundle", spec, {("stage1", "minilm", 0): model_dir}, {"configs": configs})
     planned = planned_quantization(load_manifest(bundle), "int8", "cpu")
-    assert planned["members"]["stage1/minilm/fold0"]["method"] == DYNAMIC_INT8
+    record_quantization(bundle, "int8", planned["members"])  # as predictor_bundle does before scoring
+    assert load_manifest(bundle)["quantization"]["members"]["stage1/minilm/fold0"]["method"] == DYNAMIC_INT8
     frame = real_rows(8)
-    records: dict = {}
-    probs = score_frame(bundle, frame, quantize="int8", records=records)
-    assert list(records) == ["stage1/minilm/fold0"] and records["stage1/minilm/fold0"]["method"] == DYNAMIC_INT8
+    frame[["id", "prompt", "response_a", "response_b"]].to_csv(tmp_path / "test.csv", index=False)
+    assert main(["predict", "--bundle", str(bundle), "--input", str(tmp_path / "test.csv"),
+                 "--output", str(tmp_path / "sub.csv")]) == 0
+    report = json.loads((tmp_path / "sub.quantization.json").read_text())
+    assert report["mode"] == "int8" and report["members"]["stage1/minilm/fold0"]["method"] == DYNAMIC_INT8
+    submission = pd.read_csv(tmp_path / "sub.csv")[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy()
     int8, _ = predict_frame(model_dir, frame, quantize="int8")
-    np.testing.assert_allclose(probs, int8 / int8.sum(1, keepdims=True), atol=1e-6)
-    json.dumps(records)  # the manifest and the CLI's report are JSON
+    np.testing.assert_allclose(submission, int8 / int8.sum(1, keepdims=True), atol=1e-6)
+    records: dict = {}
+    full = score_frame(bundle, frame, quantize="none", records=records)  # --quantize none overrides the bundle
+    assert records["stage1/minilm/fold0"]["method"] == "none" and np.abs(full - submission).max() > 0
+
+
+def test_predict_job_writes_its_quantization_record(model_dir, tmp_path):
+    """The job side of predictor_bundle's launched scoring: `gpu_jobs.predict --quantize int8` writes the record."""
+    frame = real_rows(6)
+    frame.to_parquet(tmp_path / "rows.parquet")
+    subprocess.run([sys.executable, "-m", "gpu_jobs.predict", "--model-dir", str(model_dir), "--data",
+                    str(tmp_path / "rows.parquet"), "--output", str(tmp_path / "p.parquet"), "--quantize", "int8"],
+                   check=True, cwd=ROOT, capture_output=True, timeout=300)
+    record = json.loads(quantization_path(tmp_path / "p.parquet").read_text())
+    assert record["method"] == DYNAMIC_INT8 and record["mode"] == "int8"
+    assert pd.read_parquet(tmp_path / "p.parquet")["id"].tolist() == frame["id"].astype(str).tolist()
