@@ -40,8 +40,8 @@ def test_plan_names_the_method_per_family_and_device():
         plan("cross_encoder", "int3", "cpu")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def train_small_minilm(path):
+    """The pretrained MiniLM fine-tuned for 4 steps on 32 shipped rows (64 tokens): a real trained member folder."""
     from accelerate import Accelerator
 
     from gpu_jobs.config import load_config, save_config
@@ -54,10 +54,14 @@ def model_dir(tmp_path_factory):
     train = pd.read_parquet(PAIRS).sample(32, random_state=5).reset_index(drop=True)
     torch.manual_seed(0)
     model, tokenizer, _ = fit_neural(cfg, train, D.targets(train), D.sample_weights(train), Accelerator(cpu=True), None)
-    path = tmp_path_factory.mktemp("quantize") / "model"
     cross_encoder.save(model, tokenizer, path)
     save_config(cfg, path / "config.yaml")
     return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return train_small_minilm(tmp_path_factory.mktemp("quantize") / "model")
 
 
 def real_rows(n: int = 24) -> pd.DataFrame:
