@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="re-estimate the file's tie rate by EM on the bundle's own probabilities (A/B kept even; "
                               "needs >= 100 rows) and write the estimate to OUTPUT.priors.json")
     predict.add_argument("--quantize", choices=("none", "int8", "int4"), default=None,
-                         help="score the members quantised: int8 = dynamic int8 on a CPU (encoders, merged decoders), "
+                         help="score the members quantised: int8 = dynamic int8 for encoders on a CPU, "
                               "bitsandbytes 8-bit decoders on CUDA; int4 = bitsandbytes NF4 decoders on CUDA (CPU: "
                               "int8). Default: the bundle's own mode (bundle.json 'quantization', else none). How each "
                               "member was quantised goes to OUTPUT.quantization.json")

@@ -196,7 +196,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="default: inference.batch_size of the config")
     p.add_argument("--max-length", type=int, default=None, help="default: inference.max_length of the config")
     p.add_argument("--quantize", default="none", choices=("none", "int8", "int4"),
-                   help="int8: dynamic int8 on a CPU, bitsandbytes 8-bit for decoders on CUDA; int4: bitsandbytes "
+                   help="int8: dynamic int8 for encoders on a CPU, bitsandbytes 8-bit for decoders on CUDA; int4: bitsandbytes "
                         "NF4 for decoders on CUDA (CPU: falls back to int8). Writes <output stem>.quantization.json")
     return p.parse_args(argv)
 

@@ -9,7 +9,7 @@ Modes (``QUANTIZE_MODES``):
 - ``int8``: on a CPU, PyTorch dynamic int8 (``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear``:
   weights stored as qint8 per tensor, activations quantised per batch, everything else fp32) for the encoder
   members (cross-encoder MiniLM / DeBERTa). Decoders on a CPU stay in full precision: per-tensor dynamic int8
-  moved a SmolLM2 classifier's probabilities by up to 0.1 (activation outliers, what LLM.int8 exists for).
+  moved a SmolLM2 classifier's probabilities by up to 0.115 (activation outliers, what LLM.int8 exists for).
   On CUDA, decoders (``llm_classifier``) load their base with bitsandbytes LLM.int8 (``load_in_8bit``) and the
   adapter on top; encoders on CUDA stay in full precision (dynamic int8 has CPU kernels only).
 - ``int4``: bitsandbytes 4-bit NF4 with double quantisation for decoders on CUDA. Elsewhere there is no 4-bit
@@ -53,7 +53,7 @@ def plan(family: str, mode: str, device_type: str) -> dict:
                 "reason": "dynamic int8 has CPU kernels only; an encoder on CUDA runs in full precision"}
     if family in DECODER_FAMILIES:
         return {**record, "method": "none", "reason": "decoders are quantised with bitsandbytes on CUDA only; "
-                "per-tensor dynamic int8 moves a decoder's probabilities too far (up to 0.1 measured)"}
+                "per-tensor dynamic int8 moves a decoder's probabilities too far (up to 0.115 measured)"}
     reason = "CPU: dynamic int8 on nn.Linear"
     if mode == "int4":
         reason = "4-bit (bitsandbytes) is selected only on CUDA; on a CPU int4 falls back to dynamic int8"
