@@ -10,6 +10,10 @@ tempered — exactly the arithmetic of the final ensemble asset, so the bundle r
 own predictions for the same rows. Optionally (``adapt_tie_prior``) the tie prior is then re-estimated on the
 scored file by EM (``arena_pipeline.calibration.em_tie_prior``), starting from the tie rate the blend
 assumes (``oof_mean_tie`` in bundle.json); off by default (see the README's accuracy section for why).
+
+Quantised scoring (``quantize``: none | int8 | int4, see ``gpu_jobs.quantize``): bundle.json's ``quantization``
+holds the mode the bundle was built for and, per member fold, how that fold was quantised (method, device,
+reason) when it scored the submission (or, without one, how it would be on the building machine, ``planned``).
 """
 
 from __future__ import annotations
@@ -49,6 +53,39 @@ def write_bundle(target: Path, spec: dict, model_dirs: dict[tuple[str, str, int]
     return publish_dir(partial, target)
 
 
+def quantize_mode(manifest: dict, requested: str | None = None) -> str:
+    """The quantisation to score with: the one asked for, else the bundle's own, else none."""
+    return requested or manifest.get("quantization", {}).get("mode", "none")
+
+
+def fold_key(bundle_dir: Path, model_dir: Path) -> str:
+    """``stage/model/foldK`` of a member fold's folder inside the bundle."""
+    stage, model, fold = Path(model_dir).relative_to(Path(bundle_dir) / "models").parts
+    return f"{stage}/{model}/{fold}"
+
+
+def planned_quantization(manifest: dict, mode: str, device_type: str) -> dict:
+    """bundle.json's ``quantization`` before any scoring: how each member fold would be quantised on a device."""
+    from gpu_jobs.quantize import plan
+
+    members = {}
+    for key, folds in sorted(manifest["models"].items()):
+        family = manifest["configs"][key]["family"]
+        for fold in sorted(folds):
+            members[f"{key}/fold{fold}"] = {**plan(family, mode, device_type), "planned": True}
+    return {"mode": mode, "members": members}
+
+
+def record_quantization(bundle_dir: Path, mode: str, records: dict[str, dict]) -> dict:
+    """Write how each member fold was quantised when it scored into bundle.json (atomically); return it."""
+    from gpu_jobs.contract.atomic import atomic_write_text
+
+    manifest = load_manifest(bundle_dir)
+    manifest["quantization"] = {"mode": mode, "members": dict(sorted(records.items()))}
+    atomic_write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str), Path(bundle_dir) / "bundle.json")
+    return manifest["quantization"]
+
+
 def load_manifest(bundle_dir: Path) -> dict:
     path = Path(bundle_dir) / "bundle.json"
     if not path.exists():
@@ -61,19 +98,28 @@ def load_manifest(bundle_dir: Path) -> dict:
 Predict = Callable[[Path, bool], tuple[np.ndarray, "np.ndarray | None"]]
 
 
-def score_frame(bundle_dir: Path, frame: pd.DataFrame, progress=None, predict: Predict | None = None) -> np.ndarray:
+def score_frame(bundle_dir: Path, frame: pd.DataFrame, progress=None, predict: Predict | None = None,
+                quantize: str | None = None, records: dict | None = None) -> np.ndarray:
     """(n, 3) probabilities [A wins, B wins, tie] for the rows of ``frame`` (data contract columns).
 
-    ``predict`` runs one member fold; default: in this process (the `predict` CLI). The `predictor_bundle`
-    asset passes one that launches `gpu_jobs.predict` as a job, like every other model job of the graph."""
+    ``predict`` runs one member fold; default: in this process (the `predict` CLI), quantised by ``quantize``
+    (default: the bundle's own mode), each fold's quantisation record put in ``records`` under
+    ``stage/model/foldK``. The `predictor_bundle` asset passes one that launches `gpu_jobs.predict` as a job,
+    like every other model job of the graph."""
+    bundle_dir = Path(bundle_dir)
+    manifest = load_manifest(bundle_dir)
     if predict is None:
         from gpu_jobs.predict import predict_frame
 
-        def predict(model_dir: Path, tta: bool):
-            return predict_frame(model_dir, frame, tta=tta)
+        mode = quantize_mode(manifest, quantize)
 
-    bundle_dir = Path(bundle_dir)
-    manifest = load_manifest(bundle_dir)
+        def predict(model_dir: Path, tta: bool):
+            record: dict = {}
+            out = predict_frame(model_dir, frame, tta=tta, quantize=mode, record=record)
+            if records is not None:
+                records[fold_key(bundle_dir, model_dir)] = record
+            return out
+
     weights = {name: w for name, w in manifest["weights"].items() if w > 0}
     members = [m for m in manifest["members"] if m["name"] in weights]
     probs: dict[str, np.ndarray] = {}

@@ -108,7 +108,8 @@ def _print_summary(profile) -> None:
 
 # ---------------------------------------------------------------- predict
 def cmd_predict(args) -> int:
-    from arena_pipeline.bundle import BundleError, adapt_tie_prior, load_manifest, score_frame, submission_frame
+    from arena_pipeline.bundle import (BundleError, adapt_tie_prior, load_manifest, quantize_mode, score_frame,
+                                       submission_frame)
     from arena_pipeline.data.clean import clean_frame
     from arena_pipeline.data.load import read_table
     from arena_pipeline.data.schema import DataError
@@ -118,10 +119,15 @@ def cmd_predict(args) -> int:
     if Path(args.output).suffix not in OUTPUT_FORMATS:
         raise InputError(f"--output {args.output}: unknown format; end the name with one of {', '.join(OUTPUT_FORMATS)}")
     priors = Path(args.output).with_suffix(".priors.json")
+    quant_report = Path(args.output).with_suffix(".quantization.json")
     try:
-        refuse_overwrite([("--output", args.output)] + ([("priors report", priors)] if args.adapt_tie_prior else []),
+        refuse_overwrite([("--output", args.output)] + ([("priors report", priors)] if args.adapt_tie_prior else [])
+                         + ([("quantization report", quant_report)] if args.quantize not in (None, "none") else []),
                          [("--input", args.input), ("--bundle", bundle)])
         manifest = load_manifest(bundle)
+        quantize = quantize_mode(manifest, args.quantize)
+        if quantize != "none":  # the bundle's own mode: its report must not overwrite an input either
+            refuse_overwrite([("quantization report", quant_report)], [("--input", args.input), ("--bundle", bundle)])
         if args.adapt_tie_prior and "oof_mean_tie" not in manifest:
             adapt_tie_prior(bundle, None)  # raises the rebuild message
         raw = read_table(args.input)
@@ -138,8 +144,15 @@ def cmd_predict(args) -> int:
     from tqdm import tqdm
 
     bar = tqdm(desc="members x folds", unit="model", file=sys.stderr)
-    probs = score_frame(bundle, frame, progress=lambda key, fold: bar.update(1))
+    records: dict = {}
+    probs = score_frame(bundle, frame, progress=lambda key, fold: bar.update(1), quantize=quantize, records=records)
     bar.close()
+    if quantize != "none":
+        import json
+
+        quant_report.write_text(json.dumps({"mode": quantize, "members": records}, indent=2) + "\n")
+        methods = sorted({r["method"].split(" (")[0] for r in records.values()})
+        print(f"quantize {quantize}: {', '.join(methods)} (report: {quant_report})")
     if args.adapt_tie_prior:
         import json
 
@@ -315,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--adapt-tie-prior", action="store_true",
                          help="re-estimate the file's tie rate by EM on the bundle's own probabilities (A/B kept even; "
                               "needs >= 100 rows) and write the estimate to OUTPUT.priors.json")
+    predict.add_argument("--quantize", choices=("none", "int8", "int4"), default=None,
+                         help="score the members quantised: int8 = dynamic int8 for encoders on a CPU, "
+                              "bitsandbytes 8-bit decoders on CUDA; int4 = bitsandbytes NF4 decoders on CUDA (CPU: "
+                              "int8). Default: the bundle's own mode (bundle.json 'quantization', else none). How each "
+                              "member was quantised goes to OUTPUT.quantization.json")
     predict.set_defaults(func=cmd_predict)
 
     evaluate = _command(sub, "evaluate", "log loss, accuracy, per-class loss and calibration of predictions",

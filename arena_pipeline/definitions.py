@@ -19,8 +19,10 @@ from arena_pipeline.assets.completions import build_completion_assets
 from arena_pipeline.assets.ensembles import build_ensemble_assets
 from arena_pipeline.assets.evaluation import build_evaluation_asset
 from arena_pipeline.assets.folds import build_folds_asset
+from arena_pipeline.assets.hpo import build_hpo_assets
 from arena_pipeline.assets.oof import STAGE1, STAGE2, build_oof_assets
 from arena_pipeline.assets.pseudo_labels import build_pseudo_label_asset
+from arena_pipeline.assets.sft import build_sft_asset
 from arena_pipeline.assets.raw import build_raw_assets
 from arena_pipeline.checks import FOLD_CHECKS, build_pseudo_checks
 from arena_pipeline.config import Profile, get_profile
@@ -52,8 +54,10 @@ def build_definitions(profile: Profile) -> dg.Definitions:
     assets = [
         *build_raw_assets(profile),
         build_folds_asset(profile),
+        build_sft_asset(profile),
         *build_completion_assets(profile),
         *build_oof_assets(STAGE1, profile),
+        *build_hpo_assets(profile),
         *build_ensemble_assets(profile),
         build_pseudo_label_asset(profile),
         *build_oof_assets(STAGE2, profile),

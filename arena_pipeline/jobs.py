@@ -40,7 +40,7 @@ def build_jobs(profile: Profile) -> list[dg.UnresolvedAssetJobDefinition]:
                             description=JOBS["pseudo_labels_job"]),
         dg.define_asset_job("stage2_job", selection=stage2, partitions_def=parts,
                             description=JOBS["stage2_job"]),
-        dg.define_asset_job("full_pipeline_job", selection=dg.AssetSelection.all() - dg.AssetSelection.groups("evaluation"),
+        dg.define_asset_job("full_pipeline_job", selection=dg.AssetSelection.all() - dg.AssetSelection.groups("evaluation", "hpo", "generator_tuning"),
                             partitions_def=parts, description=JOBS["full_pipeline_job"]),
         dg.define_asset_job("evaluation_job", selection=dg.AssetSelection.groups("evaluation"),
                             description=JOBS["evaluation_job"]),

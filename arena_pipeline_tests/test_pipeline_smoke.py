@@ -24,6 +24,8 @@ pytestmark = pytest.mark.slow
 def test_every_asset_materialised(smoke_run):
     assert smoke_run["result"].success
     expected = {k.to_user_string() for k in smoke_run["defs"].resolve_asset_graph().get_all_asset_keys()} - {"loso_evaluation"}
+    # searches (hpo_*) and generator tuning run on demand, not in the full job
+    expected = {k for k in expected if not k.startswith("hpo_") and k != "generator_sft"}
     assert smoke_run["materialised"] == expected
     assert "stage2_oof_cross_encoder_minilm" in expected and "predictor_bundle" in expected
 

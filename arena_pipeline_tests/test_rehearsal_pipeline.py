@@ -84,7 +84,9 @@ def test_rehearsal_one_fold_end_to_end(tmp_path, monkeypatch):
         assert result.success, failures
         keys = defs.resolve_asset_graph().get_all_asset_keys()
         missing = [k.to_user_string() for k in keys if instance.get_latest_materialization_event(k) is None]
-        assert missing == ["loso_evaluation"]  # the evaluation group is evaluation_job's, not full_pipeline_job's
+        # the evaluation group is evaluation_job's; searches (hpo_*) and generator tuning run on demand
+        missing = [k for k in missing if not k.startswith("hpo_") and k != "generator_sft"]
+        assert missing == ["loso_evaluation"]
         generated = instance.get_latest_materialization_event(dg.AssetKey("generated_completions"))
         meta = generated.asset_materialization.metadata
     print(f"rehearsal, fold 0, end to end: {wall:.0f} s")

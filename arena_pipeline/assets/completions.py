@@ -57,10 +57,11 @@ def build_completion_assets(profile: Profile) -> list[dg.AssetsDefinition]:
         temperature: float = 0.7
         top_p: float = 0.9
         seed: int = profile.seed
+        generator: str = "stock"  # stock: `model` as it is; sft: generator_sft's merged weights (tuned `model`)
 
-    @dg.asset(group_name=GROUP, deps=["raw_prompts"], pool="gpu", kinds={"vllm"},
+    @dg.asset(group_name=GROUP, deps=["raw_prompts", "generator_sft"], pool="gpu", kinds={"vllm"},
               description="New answers to the prompts (temperature 0.7, top_p 0.9, multi-turn regenerated turn by "
-                          "turn), by `gpu_jobs.generate` in its own environment.")
+                          "turn), by `gpu_jobs.generate` in its own environment; stock or SFT-tuned generator.")
     def generated_completions(context: dg.AssetExecutionContext, config: GenerateConfig, storage: ArenaStorage,
                               launcher: JobLauncher, mlflow: MlflowTracking):
         backend = config.backend
@@ -70,15 +71,25 @@ def build_completion_assets(profile: Profile) -> list[dg.AssetsDefinition]:
             raise dg.Failure("backend 'vllm' asked for, but no generation environment exists: run "
                              "`make vllm-env` (scripts/setup_vllm_env.sh) or use backend 'transformers'")
         out = storage.data("generated_completions")
+        if config.generator not in ("stock", "sft"):
+            raise dg.Failure(f"generator {config.generator!r}: expected 'stock' or 'sft'")
+        model, lineage = config.model, {"generator_source": "stock"}
+        if config.generator == "sft":
+            from arena_pipeline.assets.sft import tuned_generator
+
+            tuned, sft = tuned_generator(storage)
+            model = str(tuned)
+            lineage = {"generator_source": "sft", "tuned_from": sft["base_model"], "tuned_weights": str(tuned),
+                       "sft_train_loss_after": sft["train_loss_after"]}
         # the job's one config file (gpu_jobs.generate.GenerateConfig), validated here before the launch
-        job_config = GenerateJobConfig(backend=backend, model=config.model, prompts=str(storage.data("raw_prompts")),
+        job_config = GenerateJobConfig(backend=backend, model=model, prompts=str(storage.data("raw_prompts")),
                                        output=str(out), max_new_tokens=config.max_new_tokens,
                                        temperature=config.temperature, top_p=config.top_p, seed=config.seed)
         config_path = atomic_write_text(yaml.safe_dump(job_config.model_dump(exclude_none=True), sort_keys=False),
                                         storage.scratch("generation") / "generate.yaml")
         args = ["--config", str(config_path)]
         with mlflow.job_run(context, stage="generation", model=config.model, fold=-1, kind="generation",
-                            params={"backend": backend, "max_new_tokens": config.max_new_tokens,
+                            params={"backend": backend, **lineage, "max_new_tokens": config.max_new_tokens,
                                     "temperature": config.temperature, "top_p": config.top_p, "seed": config.seed}) as run:
             result = launcher.run(context, "gpu_jobs.generate", args, accelerate=False,
                                   environment="generation" if backend == "vllm" else "default",
@@ -89,7 +100,8 @@ def build_completion_assets(profile: Profile) -> list[dg.AssetsDefinition]:
         return dg.MaterializeResult(
             metadata={"rows": len(frame), "backend": backend, "generator": str(frame["generator"].iloc[0]) if len(frame) else "",
                       **{k: v for k, v in {**metrics, **result.metadata}.items() if isinstance(v, (int, float, str))},
-                      "wall_s_with_launch": round(result.wall_s, 1), "path": dg.MetadataValue.path(str(out))},
+                      "wall_s_with_launch": round(result.wall_s, 1), "path": dg.MetadataValue.path(str(out)),
+                      **lineage},
             data_version=dg.DataVersion(file_version(out)),
         )
 

@@ -89,6 +89,9 @@ def build_oof_asset(stage: str, spec: ModelSpec, profile: Profile) -> dg.AssetsD
     name = oof_asset_name(stage, spec.name)
     deps = ["processed_folds"] if stage == STAGE1 else ["processed_folds", "pseudo_labels"]
 
+    class OofConfig(dg.Config):
+        use_hpo: bool = False  # opt-in: train with the best trial of hpo_<model> (hpo/<model>/best.json)
+
     @dg.asset(
         name=name,
         group_name=stage,
@@ -101,8 +104,14 @@ def build_oof_asset(stage: str, spec: ModelSpec, profile: Profile) -> dg.AssetsD
                     "Each fold trains in its own `accelerate launch -m gpu_jobs.train` process.",
         tags={"stage": stage, "model": spec.name},
     )
-    def _oof(context: dg.AssetExecutionContext, storage: ArenaStorage, launcher: JobLauncher,
+    def _oof(context: dg.AssetExecutionContext, config: OofConfig, storage: ArenaStorage, launcher: JobLauncher,
              mlflow: MlflowTracking) -> dg.MaterializeResult:
+        hpo_extra, hpo = [], None
+        if config.use_hpo:
+            from arena_pipeline.assets.hpo import hpo_overrides
+
+            hpo_extra, hpo = hpo_overrides(storage, spec.name)
+            context.log.info(f"{name}: best trial {hpo['trial']} of study {hpo['study']}: {hpo_extra}")
         processed_path = storage.data("processed_folds")
         processed = pd.read_parquet(processed_path)
         per_fold: dict[str, dict] = {}
@@ -117,9 +126,12 @@ def build_oof_asset(stage: str, spec: ModelSpec, profile: Profile) -> dg.AssetsD
             shutil.rmtree(out, ignore_errors=True)  # a stale result must never pass for this run's
             data_version = file_version(Path(data))
             with mlflow.job_run(context, stage=stage, model=spec.name, fold=fold,
-                                params={"config_file": str(spec.config_path), "overrides": spec.override_items()},
-                                tags={"data_version": data_version}) as run:
-                result = launcher.run(context, "gpu_jobs.train", job_args(spec, fold, data, out),
+                                params={"config_file": str(spec.config_path), "overrides": spec.override_items(),
+                                        "hpo_overrides": hpo_extra},
+                                tags={"data_version": data_version,
+                                      **({"hpo_study": hpo["study"], "hpo_trial": str(hpo["trial"])} if hpo else {})}
+                                ) as run:
+                result = launcher.run(context, "gpu_jobs.train", job_args(spec, fold, data, out, hpo_extra),
                                       extras={"stage": stage, "model": spec.name, "fold": fold},
                                       on_message=run.on_message, **spec.launch_options)
                 metrics = json.loads((out / "metrics.json").read_text())
@@ -140,6 +152,8 @@ def build_oof_asset(stage: str, spec: ModelSpec, profile: Profile) -> dg.AssetsD
             context.log.info(f"{name} fold {fold}: val_log_loss={metrics.get('val_log_loss')} "
                              f"({result.wall_s:.0f}s)")
         metadata: dict = {"folds": dg.MetadataValue.json(per_fold), "mlflow_runs": dg.MetadataValue.json(links)}
+        if hpo:
+            metadata["hpo"] = dg.MetadataValue.json({k: hpo[k] for k in ("study", "trial", "val_log_loss", "overrides")})
         if len(per_fold) == 1:
             (fold_key, only), = per_fold.items()
             metadata.update({k: float(v) for k, v in only.items() if v is not None})

@@ -807,7 +807,7 @@ class FeaturesFamily:
         return FeaturesModel.load(Path(model_dir)), None
 
     def predict(self, cfg, model, tokenizer, frame, tta=False, batch_size=None, max_length=None, device=None,
-                accelerator=None, progress=False):
+                accelerator=None, progress=False, precision=None):
         probs = np.asarray(model.predict_proba(frame), dtype=np.float64)
         probs_tta = (np.asarray(model.predict_proba(swap_frame(frame))[:, SWAP_PERMUTATION], dtype=np.float64)
                      if tta else None)

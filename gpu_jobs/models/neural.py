@@ -156,14 +156,15 @@ class NeuralFamily:
         return model, tokenizer
 
     def predict(self, cfg, model, tokenizer, frame, tta=False, batch_size=None, max_length=None, device=None,
-                accelerator=None, progress=False):
+                accelerator=None, progress=False, precision=None):
+        """``precision`` replaces the config's (a dynamically quantised model computes in fp32)."""
         from gpu_jobs import data as D
         from gpu_jobs.precision import resolve
 
         device = device or (accelerator.device if accelerator is not None else default_device())
         batch_size = batch_size or cfg.inference.batch_size
         max_length = max_length or cfg.inference.max_length
-        precision = resolve(cfg.precision, device.type)
+        precision = resolve(precision or cfg.precision, device.type)
 
         io = self.io(cfg)
 

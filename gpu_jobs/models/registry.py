@@ -14,7 +14,7 @@ A family is a module under ``gpu_jobs/models`` that defines ``FAMILY``, an objec
   pre-training stage); ``held_out`` is the validation fold, which no stage may train on;
 - ``save(model, tokenizer, model_dir)`` and ``load(model_dir, cfg, device=None)`` -> ``(model, tokenizer)``;
 - ``predict(cfg, model, tokenizer, frame, tta=False, batch_size=None, max_length=None, device=None,
-  accelerator=None, progress=False)`` -> ``(probs, probs_tta_or_None)``, (n, 3) A, B, tie in input order.
+  accelerator=None, progress=False, precision=None)`` -> ``(probs, probs_tta_or_None)``, (n, 3) A, B, tie in input order.
 
 A neural family only writes ``build(cfg, device)`` -> ``(model, tokenizer)`` (a
 ``transformers`` sequence classifier with 3 labels), ``save``, ``load`` and ``HEAD_NAMES`` (the parameter
@@ -73,7 +73,7 @@ class ModelFamily(Protocol):
     def load(self, model_dir, cfg, device=None) -> tuple[Any, Any]: ...
 
     def predict(self, cfg, model, tokenizer, frame, tta=False, batch_size=None, max_length=None, device=None,
-                accelerator=None, progress=False): ...
+                accelerator=None, progress=False, precision=None): ...
 
 
 def get_family(name: str) -> ModelFamily:

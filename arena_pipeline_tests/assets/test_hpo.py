@@ -1,0 +1,66 @@
+"""hpo_<model>: an optuna study of real `gpu_jobs.train` launches on the smoke profile; MLflow child run per
+trial, a best config, resumed (trials added) by a second materialisation; the OOF asset's opt-in use of it."""
+
+import json
+
+import dagster as dg
+import optuna
+import pytest
+import yaml
+
+from arena_pipeline.assets.folds import build_folds_asset
+from arena_pipeline.assets.hpo import best_config_path, build_hpo_assets, study_storage_url
+from arena_pipeline.assets.oof import STAGE1, build_oof_asset
+from arena_pipeline.assets.raw import build_raw_assets
+from arena_pipeline.config import SMOKE
+from arena_pipeline.resources.launcher import JobLauncher
+from arena_pipeline.resources.storage import ArenaStorage
+from arena_pipeline.resources.tracking import MlflowTracking
+
+MODEL = "cross_encoder_minilm"
+pytestmark = pytest.mark.slow  # real training launches: about a minute each on 2 loaded cores
+
+
+def test_hpo_study_trials_runs_best_config_resume_and_oof_opt_in(tmp_path):
+    storage = ArenaStorage(home=str(tmp_path / "arena"))
+    mlflow = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    resources = {"storage": storage, "mlflow": mlflow, "launcher": JobLauncher()}
+    assert dg.materialize([*build_raw_assets(SMOKE), build_folds_asset(SMOKE)], resources=resources).success
+    hpo_assets = build_hpo_assets(SMOKE)
+    assert [a.key.to_user_string() for a in hpo_assets] == [f"hpo_{MODEL}"]  # features has no search space
+    hpo = hpo_assets[0]
+
+    def search(n_trials: int):
+        result = dg.materialize([hpo], resources=resources, selection=[hpo.key],
+                                run_config={"ops": {f"hpo_{MODEL}": {"config": {"n_trials": n_trials}}}})
+        assert result.success
+        return result, {k: v.value for k, v in result.asset_materializations_for_node(f"hpo_{MODEL}")[0]
+                        .metadata.items()}
+
+    first, meta = search(3)
+    assert meta["n_trials"] == 3 and meta["n_trials_added"] == 3
+    runs = mlflow.client().search_runs([mlflow.experiment_id()], filter_string="tags.kind = 'hpo_trial'")
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    assert sorted(r.data.tags["optuna_trial"] for r in runs) == ["0", "1", "2"]
+    assert all(r.data.tags.get("mlflow.parentRunId") for r in runs)  # child runs of the Dagster run's run
+    assert all("val_log_loss" in r.data.metrics for r in runs)
+    best = json.loads(best_config_path(storage, MODEL).read_text())
+    values = sorted(r.data.metrics["val_log_loss"] for r in runs)
+    assert best["n_trials"] == 3 and best["val_log_loss"] == pytest.approx(values[0])
+    assert any(o.startswith("training.lr=") for o in best["overrides"])
+
+    second, meta = search(1)  # resumes the stored study
+    study = optuna.load_study(study_name=best["study"], storage=study_storage_url(storage))
+    assert len(study.trials) == 4 and meta["n_trials"] == 4 and meta["n_trials_added"] == 1
+    best = json.loads(best_config_path(storage, MODEL).read_text())
+    assert best["val_log_loss"] == pytest.approx(study.best_value)
+
+    # opt-in: the OOF asset trains with the best trial's overrides; its resolved config and metadata show it
+    oof = build_oof_asset(STAGE1, SMOKE.model(MODEL), SMOKE)
+    result = dg.materialize([oof], resources=resources, partition_key=str(SMOKE.folds[0]),
+                            run_config={"ops": {oof.op.name: {"config": {"use_hpo": True}}}})
+    assert result.success
+    meta = {k: v.value for k, v in result.asset_materializations_for_node(oof.op.name)[0].metadata.items()}
+    assert meta["hpo"]["trial"] == best["trial"]
+    resolved = yaml.safe_load((storage.job_dir(STAGE1, MODEL, SMOKE.folds[0]) / "model" / "config.yaml").read_text())
+    assert resolved["training"]["lr"] == pytest.approx(best["params"]["training.lr"])
