@@ -32,12 +32,6 @@ def hpo_asset_name(model: str) -> str:
     return f"hpo_{model}"
 
 
-def member_family(spec: ModelSpec) -> str:
-    from gpu_jobs.config import load_config
-
-    return load_config(spec.config_path, list(spec.overrides)).family
-
-
 def suggest(trial, family: str) -> dict[str, object]:
     """The search space of a family: dotted config keys -> values drawn for this trial."""
     params: dict[str, object] = {
@@ -72,7 +66,7 @@ def best_config_path(storage: ArenaStorage, model: str) -> Path:
 
 def build_hpo_asset(spec: ModelSpec, profile: Profile) -> dg.AssetsDefinition:
     name = hpo_asset_name(spec.name)
-    family = member_family(spec)
+    family = spec.family.name
 
     class HpoConfig(dg.Config):
         n_trials: int = 3  # trials added by this materialisation (the study keeps the earlier ones)
@@ -104,7 +98,7 @@ def build_hpo_asset(spec: ModelSpec, profile: Profile) -> dg.AssetsDefinition:
             shutil.rmtree(out, ignore_errors=True)
             try:
                 with mlflow.job_run(context, stage=HPO_STAGE, model=spec.name, fold=config.fold, kind="hpo_trial",
-                                    params={"config_file": str(spec.config_path), "overrides": list(spec.overrides),
+                                    params={"config_file": str(spec.config_path), "overrides": spec.override_items(),
                                             "trial_overrides": overrides},
                                     tags={"optuna_study": study_name, "optuna_trial": str(trial.number)}) as run:
                     result = launcher.run(context, "gpu_jobs.train",
@@ -160,7 +154,7 @@ def study_trials(study_name: str, storage: ArenaStorage) -> list:
 
 def build_hpo_assets(profile: Profile) -> list[dg.AssetsDefinition]:
     """One ``hpo_<model>`` per neural member of the profile (the features member has no search space here)."""
-    return [build_hpo_asset(spec, profile) for spec in profile.models if member_family(spec) != "features"]
+    return [build_hpo_asset(spec, profile) for spec in profile.models if spec.family.neural]
 
 
 def hpo_overrides(storage: ArenaStorage, model: str) -> tuple[list[str], dict]:
