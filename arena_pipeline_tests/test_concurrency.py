@@ -30,7 +30,6 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import psutil
-import pytest
 
 from arena_pipeline.config import REPO_ROOT, SMOKE
 from arena_pipeline.definitions import build_definitions
@@ -49,10 +48,7 @@ WORKER = textwrap.dedent("""
     from arena_pipeline.definitions import build_definitions
     from arena_pipeline_tests.reliability_support import materialise
 
-    fold, ready, go, race = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] == "race"
-    if race:  # what Dagster's racy sqlite claim does at worst: admit every step
-        from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
-        InstanceConcurrencyContext.claim = lambda self, *args, **kwargs: True
+    fold, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     profile = dataclasses.replace(SMOKE, folds=(0, 1), models=(SMOKE.model("features"),))
     defs = build_definitions(profile)
     with dg.DagsterInstance.get() as instance:
@@ -114,10 +110,9 @@ def step_window(instance: dg.DagsterInstance, run_id: str) -> tuple[float, float
     return stamps["STEP_START"], stamps["STEP_SUCCESS"]
 
 
-@pytest.mark.parametrize("mode", ["dagster_pool", "race"])
-def test_two_runs_on_different_folds_share_the_gpu_pool_one_at_a_time(mode, tmp_path, monkeypatch):
-    """``race``: both workers' Dagster claims always succeed (the sqlite race, forced); the machine slot alone
-    must keep the two jobs apart."""
+def test_two_runs_on_different_folds_share_the_gpu_pool_one_at_a_time(tmp_path, monkeypatch):
+    """Two runs of different folds: Dagster's pool, or (when its sqlite claim race admits both steps) the machine
+    slot, keeps the two jobs apart; the slot alone is tested by the next test (both steps admitted)."""
     home = R.new_home(tmp_path / "home")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     defs = build_definitions(PROFILE)
@@ -131,7 +126,7 @@ def test_two_runs_on_different_folds_share_the_gpu_pool_one_at_a_time(mode, tmp_
 
         watcher = Watcher(instance)
         watcher.start()
-        workers = {fold: subprocess.Popen([sys.executable, str(script), fold, str(tmp_path / f"ready{fold}"), str(go), mode],
+        workers = {fold: subprocess.Popen([sys.executable, str(script), fold, str(tmp_path / f"ready{fold}"), str(go)],
                                           cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                    for fold in ("0", "1")}
         try:
@@ -168,17 +163,13 @@ def test_two_runs_on_different_folds_share_the_gpu_pool_one_at_a_time(mode, tmp_
         (a_start, a_end), (b_start, b_end) = sorted(windows.values())
         waited_on_machine_slot = [f for f, r in results.items() if any(
             "slot(s) on this machine are held" in (e.user_message or "") for e in instance.all_logs(r["run_id"]))]
-        if mode == "race":
-            assert b_start < a_end, windows  # Dagster ran both steps at once ...
-            assert len(waited_on_machine_slot) == 1  # ... and one job waited for the machine slot
-        else:
-            # normally the Dagster pool holds the later step back (its STEP_START comes after the other's
-            # STEP_SUCCESS); when the sqlite claim race lets both steps in, the machine slot holds the job back.
-            # Either way the job processes did not overlap (asserted above).
-            held_by = "dagster pool" if b_start >= a_end else "machine slot" if waited_on_machine_slot else "timing"
-            print(f"\n[{mode}] later run held back by: {held_by}")
-            info = instance.event_log_storage.get_concurrency_info("gpu")
-            assert info.slot_count == 1 and info.active_slot_count == 0  # the slot was given back
+        # normally the Dagster pool holds the later step back (its STEP_START comes after the other's
+        # STEP_SUCCESS); when the sqlite claim race lets both steps in, the machine slot holds the job back.
+        # Either way the job processes did not overlap (asserted above).
+        held_by = "dagster pool" if b_start >= a_end else "machine slot" if waited_on_machine_slot else "timing"
+        print(f"\nlater run held back by: {held_by}")
+        info = instance.event_log_storage.get_concurrency_info("gpu")
+        assert info.slot_count == 1 and info.active_slot_count == 0  # the slot was given back
 
         # 2. Dagster storage lists both materialisations, one per run
         assert instance.get_materialized_partitions(dg.AssetKey(ASSET)) == {"0", "1"}
@@ -201,7 +192,7 @@ def test_two_runs_on_different_folds_share_the_gpu_pool_one_at_a_time(mode, tmp_
             assert (pd.read_parquet(out / "oof.parquet")["fold"] == int(fold)).all()
 
     order = [j["fold"] for j in jobs]
-    print(f"\n[{mode}] job processes (epoch s): fold {order[0]} {first['start']:.2f}-{first['last_seen']:.2f}, "
+    print(f"\njob processes (epoch s): fold {order[0]} {first['start']:.2f}-{first['last_seen']:.2f}, "
           f"fold {order[1]} {second['start']:.2f}-{second['last_seen']:.2f}; gap {second['start'] - first['last_seen']:.2f}s")
     print(f"steps: {sorted(windows.items(), key=lambda kv: kv[1])}; max pending on the Dagster pool: "
           f"{watcher.max_pending}, max claimed Dagster slots: {watcher.max_claimed}, "

@@ -365,6 +365,16 @@ class K8sJobLauncher(dg.ConfigurableResource):
             poll_interval=self.poll_interval_s,
         )
 
+    def load_kube_config(self) -> None:
+        """The kube config the Pipes client of rank 0 uses (in-cluster, or a kubeconfig file and context), loaded
+        with the kubernetes package's public loaders for the extra ranks' Service and pods."""
+        import kubernetes
+
+        if self.load_incluster_config:
+            kubernetes.config.load_incluster_config()
+        else:
+            kubernetes.config.load_kube_config(config_file=self.kubeconfig_file, context=self.kube_context)
+
     def run(
         self,
         context: dg.AssetExecutionContext,
@@ -414,7 +424,7 @@ class K8sJobLauncher(dg.ConfigurableResource):
         start = time.time()
         try:
             if machines > 1:
-                client._load_k8s_config()  # the same kube config the Pipes client loads for rank 0
+                self.load_kube_config()  # the same kube config the Pipes client loads for rank 0
                 core = DagsterKubernetesClient.production_client().core_api
                 core.create_namespaced_service(self.namespace, self.service_manifest(job))
                 service = True
