@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from arena_pipeline import calibration as cal
-from arena_pipeline import ensemble as ens
+from arena_pipeline import blending as ens
 from gpu_jobs.contract.atomic import publish_dir
 from gpu_jobs.contract.schema import LABEL_COLUMNS
 

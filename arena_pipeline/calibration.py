@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.optimize import minimize
 
-from arena_pipeline import ensemble as ens
+from arena_pipeline import blending as ens
 
 EM_STRENGTH = 200.0  # pseudo-rows at the training tie rate (MAP pull against runaway estimates)
 EM_BOUNDS = (0.01, 0.5)  # a tie rate outside this band is not believed

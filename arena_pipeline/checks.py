@@ -5,7 +5,7 @@ import dagster as dg
 import pandas as pd
 
 from arena_pipeline.assets.pseudo_labels import leakage_report
-from arena_pipeline.config import Profile
+from arena_pipeline.profile import Profile
 from arena_pipeline.data.folds import check_groups_disjoint, check_label_balance, check_unique_ids
 from arena_pipeline.resources.storage import ArenaStorage
 

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from arena_pipeline.config import PROFILES, REPO_ROOT, dagster_home, get_profile
+from arena_pipeline.profile import PROFILES, REPO_ROOT, dagster_home, get_profile
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -171,7 +171,7 @@ def cmd_predict(args) -> int:
 def cmd_evaluate(args) -> int:
     import numpy as np
 
-    from arena_pipeline import ensemble as ens
+    from arena_pipeline import blending as ens
     from arena_pipeline import plots
     from arena_pipeline.data.clean import clean_frame
     from arena_pipeline.data.folds import label_index

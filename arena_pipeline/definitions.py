@@ -1,7 +1,7 @@
 """The Dagster code location: assets, checks, jobs, schedule, sensor and resources for one profile.
 
 The profile comes from ``ARENA_PROFILE``: a shipped name (smoke | demo | full | rehearsal; default demo) or the
-path of a user's profile YAML, validated as it loads (``arena_pipeline/config.py``). Resources read their settings
+path of a user's profile YAML, validated as it loads (``arena_pipeline/profile.py``). Resources read their settings
 from the environment so the same definitions run locally or on a cluster:
 ``ARENA_MLFLOW_URI`` (tracking store), ``ARENA_MLFLOW_ARTIFACTS`` (artifact location),
 ``ARENA_MLFLOW_UI_URL`` (the MLflow UI for links and inline plot images; `arena-pipeline ui` sets it),
@@ -14,18 +14,18 @@ import os
 
 import dagster as dg
 
-from arena_pipeline.assets.bundle import build_bundle_asset
+from arena_pipeline.assets.predictor_bundle import build_bundle_asset
 from arena_pipeline.assets.completions import build_completion_assets
 from arena_pipeline.assets.ensembles import build_ensemble_assets
 from arena_pipeline.assets.evaluation import build_evaluation_asset
-from arena_pipeline.assets.folds import build_folds_asset
+from arena_pipeline.assets.processed_folds import build_folds_asset
 from arena_pipeline.assets.hpo import build_hpo_assets
 from arena_pipeline.assets.oof import STAGE1, STAGE2, build_oof_assets
 from arena_pipeline.assets.pseudo_labels import build_pseudo_label_asset
 from arena_pipeline.assets.sft import build_sft_asset
 from arena_pipeline.assets.raw import build_raw_assets
 from arena_pipeline.checks import FOLD_CHECKS, build_pseudo_checks
-from arena_pipeline.config import Profile, get_profile
+from arena_pipeline.profile import Profile, get_profile
 from arena_pipeline.jobs import build_jobs
 from arena_pipeline.resources.k8s_launcher import k8s_resources_from_env
 from arena_pipeline.resources.launcher import JobLauncher, default_environments

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from arena_pipeline.config import REPO_ROOT, ModelSpec, Profile
+from arena_pipeline.profile import REPO_ROOT, ModelSpec, Profile
 
 MIN_TRAIN_ROWS = 64
 PLAN_SHARE = 0.85  # plan to 85 % of the budget: the probe is an estimate

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from arena_pipeline.config import Profile
+from arena_pipeline.profile import Profile
 from arena_pipeline.partitions import fold_partitions
 
 # name -> description; `arena-pipeline demo --job` offers exactly these names

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from arena_pipeline.config import Profile
+from arena_pipeline.profile import Profile
 
 
 def fold_partitions(profile: Profile) -> dg.StaticPartitionsDefinition:

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from arena_pipeline.config import REPO_ROOT
+from arena_pipeline.profile import REPO_ROOT
 from arena_pipeline.resources.launcher import process_alive
 
 GRACE_S = 30.0  # a cancelled run's worker needs up to the launcher's termination timeout (20 s) to end its job

@@ -6,7 +6,7 @@ import shutil
 import dagster as dg
 import pytest
 
-from arena_pipeline.config import REPO_ROOT, SMOKE
+from arena_pipeline.profile import REPO_ROOT, SMOKE
 from arena_pipeline.resources.storage import ArenaStorage
 
 

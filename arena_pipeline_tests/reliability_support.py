@@ -14,7 +14,7 @@ from pathlib import Path
 import dagster as dg
 import psutil
 
-from arena_pipeline.config import REPO_ROOT
+from arena_pipeline.profile import REPO_ROOT
 
 INPUT_ASSETS = ("raw_labelled", "raw_external", "processed_folds")
 

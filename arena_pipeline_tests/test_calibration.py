@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from arena_pipeline import calibration as cal
-from arena_pipeline import ensemble as ens
+from arena_pipeline import blending as ens
 
 SWAP = [1, 0, 2]
 

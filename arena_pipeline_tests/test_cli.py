@@ -17,7 +17,7 @@ import pytest
 
 from arena_pipeline.calibration import with_tie_prior
 from arena_pipeline.cli import MODELS, OUTPUT_FORMATS, STAGES
-from arena_pipeline.config import PROFILES, REPO_ROOT, SHIPPED, SMOKE
+from arena_pipeline.profile import PROFILES, REPO_ROOT, SHIPPED, SMOKE
 from arena_pipeline.resources.tracking import MlflowTracking
 from arena_pipeline_tests.ui.support import free_port as _free_port
 from arena_pipeline_tests.ui.support import wait_http as _wait_http

@@ -31,7 +31,7 @@ import dagster as dg
 import pandas as pd
 import psutil
 
-from arena_pipeline.config import REPO_ROOT, SMOKE
+from arena_pipeline.profile import REPO_ROOT, SMOKE
 from arena_pipeline.definitions import build_definitions
 from arena_pipeline.resources.storage import ArenaStorage
 from arena_pipeline.resources.tracking import MlflowTracking
@@ -44,7 +44,7 @@ WORKER = textwrap.dedent("""
     import dataclasses, json, os, sys, time
     from pathlib import Path
     import dagster as dg
-    from arena_pipeline.config import SMOKE
+    from arena_pipeline.profile import SMOKE
     from arena_pipeline.definitions import build_definitions
     from arena_pipeline_tests.reliability_support import materialise
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from arena_pipeline.config import DEMO, SMOKE
+from arena_pipeline.profile import DEMO, SMOKE
 from arena_pipeline.demo_sizing import MIN_TRAIN_ROWS, Probe, member_costs, plan, run_probe
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from arena_pipeline.config import ACCELERATE_DIR, CONFIG_DIR, REPO_ROOT, SMOKE
+from arena_pipeline.profile import ACCELERATE_DIR, CONFIG_DIR, REPO_ROOT, SMOKE
 from arena_pipeline.data.folds import build_processed
 from arena_pipeline.definitions import build_definitions
 from arena_pipeline.resources.storage import ArenaStorage

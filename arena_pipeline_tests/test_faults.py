@@ -15,7 +15,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from arena_pipeline.config import SMOKE
+from arena_pipeline.profile import SMOKE
 from arena_pipeline.definitions import build_definitions
 from arena_pipeline.resources.launcher import JobLauncher, _describe_exit
 from arena_pipeline.resources.storage import ArenaStorage

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from arena_pipeline import ensemble as ens
+from arena_pipeline import blending as ens
 from arena_pipeline.assets.pseudo_labels import TARGETS, leakage_report
 from arena_pipeline.bundle import score_frame
-from arena_pipeline.config import SMOKE
+from arena_pipeline.profile import SMOKE
 from arena_pipeline.data.folds import label_index
 from arena_pipeline.resources.storage import ArenaStorage
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from arena_pipeline.config import PROFILE_DIR, PROFILES, SHIPPED, Profile, get_profile, load_profile
+from arena_pipeline.profile import PROFILE_DIR, PROFILES, SHIPPED, Profile, get_profile, load_profile
 
 USER_PROFILE = {
     "models": [

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from arena_pipeline.config import ACCELERATE_DIR, FULL, REHEARSAL, REPO_ROOT, VLLM_FALLBACK, VLLM_PYTHON, load_profile
+from arena_pipeline.profile import ACCELERATE_DIR, FULL, REHEARSAL, REPO_ROOT, VLLM_FALLBACK, VLLM_PYTHON, load_profile
 from arena_pipeline.resources.launcher import JobLauncher, multi_process
 from gpu_jobs.contract.turns import parse_turns
 

@@ -5,7 +5,7 @@ import json
 import dagster as dg
 import pandas as pd
 
-from arena_pipeline.config import SHIPPED
+from arena_pipeline.profile import SHIPPED
 from arena_pipeline.resources.storage import ArenaStorage
 from arena_pipeline.sensors import build_sensors
 

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from arena_pipeline.assets.raw import load_clean
-from arena_pipeline.config import DEMO
+from arena_pipeline.profile import DEMO
 from arena_pipeline.data.folds import build_processed
 
 

@@ -34,7 +34,7 @@ def padding_share(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
 
 
 def main() -> None:
-    from gpu_jobs import data as D
+    from gpu_jobs import inputs as D
     from gpu_jobs.config import load_config
     from gpu_jobs.precision import PRECISIONS, hardware_summary, resolve
     from gpu_jobs.predict import load_model, predict_ids

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arena_pipeline.assets.evaluation import (held_out_predictions, loso_report, loso_split,  # noqa: E402
                                               report_markdown, stage1_fit_rows)
-from arena_pipeline.config import dagster_home, get_profile  # noqa: E402
+from arena_pipeline.profile import dagster_home, get_profile  # noqa: E402
 from arena_pipeline.resources.storage import ArenaStorage  # noqa: E402
 
 

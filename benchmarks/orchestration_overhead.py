@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/orchestration_overhead.py [--models features cross_encoder_minilm] [--repeats 2]
 
-Both sides run the same job of the smoke profile (``arena_pipeline.config.SMOKE``: its one resolved config
+Both sides run the same job of the smoke profile (``arena_pipeline.profile.SMOKE``: its one resolved config
 file) on the same ``processed_folds.parquet``, fold 0:
 
 - bare: ``python -m accelerate.commands.launch --config_file cpu_single.yaml -m gpu_jobs.train ...`` as a
@@ -84,7 +84,7 @@ def main() -> None:
 
     import dagster as dg
 
-    from arena_pipeline.config import SMOKE
+    from arena_pipeline.profile import SMOKE
     from arena_pipeline.definitions import build_definitions
     from arena_pipeline.resources.storage import ArenaStorage
     from arena_pipeline_tests.reliability_support import materialise_inputs

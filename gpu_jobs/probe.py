@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_jobs import data as D
+from gpu_jobs import inputs as D
 from gpu_jobs.config import load_config
 from gpu_jobs.models.registry import family_of
 from gpu_jobs.precision import resolve

@@ -38,13 +38,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from gpu_jobs import data as D
+from gpu_jobs import inputs as D
 from gpu_jobs.config import config_to_dict, load_config, save_config
 from gpu_jobs.contract.atomic import atomic_write_parquet, fsync_dir, publish_dir
 from gpu_jobs.contract.metrics import accuracy, log_loss, per_class_loss
 from gpu_jobs.contract.pipes import clean_metadata, open_pipes
 from gpu_jobs.precision import Precision, hardware_summary, resolve
-from gpu_jobs.data import prediction_frame
+from gpu_jobs.inputs import prediction_frame
 from gpu_jobs.models.registry import family_of
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")

@@ -80,7 +80,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from arena_pipeline.config import REHEARSAL, SHIPPED
+from arena_pipeline.profile import REHEARSAL, SHIPPED
 from gpu_jobs.models.registry import family_of
 
 out, device = Path(sys.argv[1]), torch.device(sys.argv[2])
@@ -108,7 +108,7 @@ import sys
 from pathlib import Path
 
 from arena_pipeline.assets.oof import job_args
-from arena_pipeline.config import REHEARSAL
+from arena_pipeline.profile import REHEARSAL
 
 name, out = sys.argv[1], Path(sys.argv[2])
 print("\n".join(job_args(REHEARSAL.model(name), 0, out / "train.parquet", out / name) +

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from arena_pipeline.config import Profile
+from arena_pipeline.profile import Profile
 from arena_pipeline.data.clean import clean_frame
 from arena_pipeline.resources.launcher import JobLauncher, vllm_available
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_parquet, file_version

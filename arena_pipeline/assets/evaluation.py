@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 
 from arena_pipeline import calibration as cal
-from arena_pipeline import ensemble as ens
+from arena_pipeline import blending as ens
 from arena_pipeline import plots
 from arena_pipeline.assets.ensembles import Member
 from arena_pipeline.assets.oof import job_args
-from arena_pipeline.config import Profile
+from arena_pipeline.profile import Profile
 from arena_pipeline.data.folds import label_index
 from arena_pipeline.resources.launcher import JobLauncher
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_json, atomic_write_parquet

@@ -20,7 +20,7 @@ from pathlib import Path
 import dagster as dg
 
 from arena_pipeline.assets.oof import job_args, read_history, resolved_config
-from arena_pipeline.config import ModelSpec, Profile
+from arena_pipeline.profile import ModelSpec, Profile
 from arena_pipeline.resources.launcher import JobLauncher
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_json
 from arena_pipeline.resources.tracking import MlflowTracking

@@ -16,7 +16,7 @@ import pandas as pd
 import yaml
 
 from arena_pipeline import plots
-from arena_pipeline.config import ModelSpec, Profile
+from arena_pipeline.profile import ModelSpec, Profile
 from arena_pipeline.data.folds import label_index
 from arena_pipeline.partitions import fold_partitions, run_folds
 from arena_pipeline.resources.launcher import JobLauncher

@@ -16,10 +16,10 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from arena_pipeline import ensemble as ens
+from arena_pipeline import blending as ens
 from arena_pipeline import plots
 from arena_pipeline.assets.oof import STAGE1
-from arena_pipeline.config import Profile
+from arena_pipeline.profile import Profile
 from arena_pipeline.resources.launcher import JobLauncher
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_json, atomic_write_parquet
 from arena_pipeline.resources.tracking import MlflowTracking

@@ -12,7 +12,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from arena_pipeline.config import Profile
+from arena_pipeline.profile import Profile
 from arena_pipeline.data.clean import clean_frame
 from arena_pipeline.data.folds import label_index, length_percentiles
 from arena_pipeline.data.load import read_table

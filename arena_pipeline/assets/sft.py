@@ -15,7 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from arena_pipeline.config import Profile
+from arena_pipeline.profile import Profile
 from arena_pipeline.resources.launcher import JobLauncher
 from arena_pipeline.resources.storage import ArenaStorage
 from arena_pipeline.resources.tracking import MlflowTracking

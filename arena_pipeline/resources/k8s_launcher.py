@@ -43,7 +43,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from arena_pipeline.config import REPO_ROOT
+from arena_pipeline.profile import REPO_ROOT
 from arena_pipeline.resources.launcher import JobResult, _cause_hint
 
 LABEL_PREFIX = "arena-pipeline"

@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import dagster as dg
 
-from arena_pipeline.config import ACCELERATE_DIR, REPO_ROOT
+from arena_pipeline.profile import ACCELERATE_DIR, REPO_ROOT
 
 STDERR_TAIL_LINES = 40
 

@@ -73,7 +73,7 @@ class ArenaStorage(dg.ConfigurableResource):
         if self.home:
             root = Path(self.home)
         else:
-            from arena_pipeline.config import dagster_home
+            from arena_pipeline.profile import dagster_home
 
             root = dagster_home() / "arena"
         root.mkdir(parents=True, exist_ok=True)

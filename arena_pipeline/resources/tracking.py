@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import dagster as dg
 
-from arena_pipeline.config import REPO_ROOT, dagster_home
+from arena_pipeline.profile import REPO_ROOT, dagster_home
 
 EXPERIMENT = "arena-pipeline"
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 
 from arena_pipeline import calibration as cal
-from arena_pipeline import ensemble as ens
+from arena_pipeline import blending as ens
 from arena_pipeline.assets.evaluation import (HELD_OUT_FOLD, calibration_rows, loso_split, subset_rows, subset_table,
                                               swap_consistency, swapped_members)
-from arena_pipeline.config import SMOKE
+from arena_pipeline.profile import SMOKE
 
 
 def test_loso_split_holds_out_one_source_and_its_prompts():

@@ -8,11 +8,11 @@ import optuna
 import pytest
 import yaml
 
-from arena_pipeline.assets.folds import build_folds_asset
+from arena_pipeline.assets.processed_folds import build_folds_asset
 from arena_pipeline.assets.hpo import best_config_path, build_hpo_assets, study_storage_url
 from arena_pipeline.assets.oof import STAGE1, build_oof_asset
 from arena_pipeline.assets.raw import build_raw_assets
-from arena_pipeline.config import SMOKE
+from arena_pipeline.profile import SMOKE
 from arena_pipeline.resources.launcher import JobLauncher
 from arena_pipeline.resources.storage import ArenaStorage
 from arena_pipeline.resources.tracking import MlflowTracking

@@ -4,10 +4,10 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from arena_pipeline.assets.folds import build_folds_asset
+from arena_pipeline.assets.processed_folds import build_folds_asset
 from arena_pipeline.assets.raw import build_raw_assets
 from arena_pipeline.checks import FOLD_CHECKS
-from arena_pipeline.config import SHIPPED, SMOKE
+from arena_pipeline.profile import SHIPPED, SMOKE
 from arena_pipeline.resources.storage import ArenaStorage
 from arena_pipeline.resources.tracking import MlflowTracking
 

@@ -10,7 +10,7 @@ import pytest
 from arena_pipeline.assets.completions import build_completion_assets
 from arena_pipeline.assets.raw import build_raw_assets
 from arena_pipeline.assets.sft import build_sft_asset
-from arena_pipeline.config import SMOKE
+from arena_pipeline.profile import SMOKE
 from arena_pipeline.resources.launcher import JobLauncher
 from arena_pipeline.resources.storage import ArenaStorage
 from arena_pipeline.resources.tracking import MlflowTracking

@@ -7,7 +7,7 @@ import pytest
 from arena_pipeline.data.clean import clean_frame
 from arena_pipeline.data.pairs import answer_pairs
 from arena_pipeline.data.schema import DataError
-from arena_pipeline.config import SHIPPED
+from arena_pipeline.profile import SHIPPED
 
 LABELS = ["winner_model_a", "winner_model_b", "winner_tie"]
 

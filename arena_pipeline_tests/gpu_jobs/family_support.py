@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gpu_jobs import data as D
+from gpu_jobs import inputs as D
 
 ROOT = Path(__file__).resolve().parents[2]
 PAIRS = ROOT / "data" / "shipped" / "arena_bench_pairs.parquet"

@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis) for the text formatter of the compute side, ``gpu_jobs.data.encode_frame``
+"""Property-based tests (hypothesis) for the text formatter of the compute side, ``gpu_jobs.inputs.encode_frame``
 (one row's prompt / response_a / response_b JSON -> tagged token ids within ``max_length``), with the
 MiniLM tokenizer: random unicode, turn counts and budgets.
 
@@ -7,7 +7,7 @@ rows are encoded the same alone or in a batch; with left truncation (the default
 response A and response B are both there, each a non-empty beginning of its own text, whenever the
 budget has room for one token of each; swapping A and B swaps exactly those two parts.
 
-Three properties were found failing by this fuzzing and are fixed in ``gpu_jobs.data`` (each test keeps
+Three properties were found failing by this fuzzing and are fixed in ``gpu_jobs.inputs`` (each test keeps
 the smallest example hypothesis found):
 - a lone surrogate in a text (e.g. a JSON escape ``"\\ud83d"``) made the tokenizer raise TypeError; lone
   surrogates now become U+FFFD when turns are parsed;
@@ -29,7 +29,7 @@ import pandas as pd
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from gpu_jobs import data as D
+from gpu_jobs import inputs as D
 
 FUZZ = settings(
     max_examples=int(os.environ.get("ARENA_FUZZ_EXAMPLES", "60")),

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from gpu_jobs import data as D
+from gpu_jobs import inputs as D
 from gpu_jobs.config import load_config, save_config
 from gpu_jobs.predict import predict_frame
 

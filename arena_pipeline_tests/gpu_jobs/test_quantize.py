@@ -18,7 +18,7 @@ import torch
 
 from arena_pipeline.bundle import load_manifest, planned_quantization, record_quantization, score_frame, write_bundle
 from arena_pipeline_tests.gpu_jobs.test_predict import CONFIGS, PAIRS, ROOT
-from gpu_jobs import data as D
+from gpu_jobs import inputs as D
 from gpu_jobs.contract.metrics import log_loss
 from gpu_jobs.predict import predict_frame, quantization_path
 from gpu_jobs.quantize import BNB_INT8, BNB_NF4, DYNAMIC_INT8, load_quantized, plan

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from arena_pipeline.assets.oof import job_args
-from arena_pipeline.config import FULL, REHEARSAL
+from arena_pipeline.profile import FULL, REHEARSAL
 from gpu_jobs import train as T
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from arena_pipeline_tests.gpu_jobs.family_support import CONFIGS, PAIRS, ROOT, overfit_stats, rows, run_train_job
-from gpu_jobs import data as D
+from gpu_jobs import inputs as D
 from gpu_jobs.config import load_config
 from gpu_jobs.contract.swap import swap_frame, swap_probs
 from gpu_jobs.models import pairwise, reward_model

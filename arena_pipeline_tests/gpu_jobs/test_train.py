@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpu_jobs import data as D
+from gpu_jobs import inputs as D
 from gpu_jobs.config import load_config
 from gpu_jobs.precision import resolve
 

@@ -17,7 +17,7 @@ from dagster_k8s.client import DagsterKubernetesClient
 from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
 from dagster_k8s.pipes import build_pod_body
 
-from arena_pipeline.config import REPO_ROOT
+from arena_pipeline.profile import REPO_ROOT
 from arena_pipeline.resources.k8s_launcher import K8sJobLauncher, k8s_launcher_from_env, k8s_resources_from_env
 from arena_pipeline.resources.launcher import JobLauncher
 

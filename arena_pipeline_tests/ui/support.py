@@ -13,7 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from arena_pipeline.config import REPO_ROOT
+from arena_pipeline.profile import REPO_ROOT
 
 DAEMONS = {"SCHEDULER", "SENSOR", "QUEUED_RUN_COORDINATOR", "MONITORING"}
 

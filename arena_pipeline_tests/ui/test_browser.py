@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from arena_pipeline.config import REPO_ROOT
+from arena_pipeline.profile import REPO_ROOT
 from arena_pipeline_tests.ui.support import UiProcess, graphql
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

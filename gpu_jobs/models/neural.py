@@ -3,7 +3,7 @@
 
 How a family's rows become model inputs is its ``RowIO`` (``NeuralFamily.io(cfg)``): ``encode`` (frame ->
 one pre-tokenised row per pair), ``collator`` (batch of rows -> ``input_ids`` / ``attention_mask`` tensors) and
-``row_length`` (the cost a row is grouped and sorted by). The default is ``gpu_jobs.data``'s one tagged
+``row_length`` (the cost a row is grouped and sorted by). The default is ``gpu_jobs.inputs``'s one tagged
 sequence per row; the siamese families read each side on its own (``gpu_jobs.models.pairwise``) and the
 cross-encoder's ``window:`` option reads each part through sliding windows (``gpu_jobs.models.windowed``).
 An optional pre-training stage (``NeuralFamily.pretrain``, the reward model's ``pretrain:`` section) runs
@@ -35,8 +35,8 @@ class RowIO(NamedTuple):
 
 
 def tagged_io() -> RowIO:
-    """``gpu_jobs.data``'s layout: one tagged sequence per row (prompt, response A, response B)."""
-    from gpu_jobs import data as D
+    """``gpu_jobs.inputs``'s layout: one tagged sequence per row (prompt, response A, response B)."""
+    from gpu_jobs import inputs as D
 
     return RowIO(D.encode_frame, D.Collator, len)
 
@@ -67,10 +67,10 @@ def predict_ids(model, ids: list[list[int]], pad_token_id: int, batch_size: int,
                 row_length=len) -> np.ndarray:
     """Class probabilities (n, 3) for pre-tokenised rows, in input order, on every process; autocast in
     ``precision`` (None: the model's own dtype). ``collator`` / ``row_length``: the family's ``RowIO``
-    (default: ``gpu_jobs.data.Collator``, ``len``)."""
+    (default: ``gpu_jobs.inputs.Collator``, ``len``)."""
     import torch
 
-    from gpu_jobs import data as D
+    from gpu_jobs import inputs as D
 
     with torch.inference_mode():
         model.eval()
@@ -158,7 +158,7 @@ class NeuralFamily:
     def predict(self, cfg, model, tokenizer, frame, tta=False, batch_size=None, max_length=None, device=None,
                 accelerator=None, progress=False, precision=None):
         """``precision`` replaces the config's (a dynamically quantised model computes in fp32)."""
-        from gpu_jobs import data as D
+        from gpu_jobs import inputs as D
         from gpu_jobs.precision import resolve
 
         device = device or (accelerator.device if accelerator is not None else default_device())

@@ -4,12 +4,12 @@ light: profiles import them when the Dagster definitions load).
 
 A row becomes two token sequences, (prompt, response A) and (prompt, response B), tagged alike
 (``<PROMPT>p</PROMPT><RESPONSE>r</RESPONSE>`` per turn, the same tags for both sides, so the encoder cannot
-tell which side it reads) and trimmed to the token budget by ``gpu_jobs.data.format_ids`` (same turn-dropping
+tell which side it reads) and trimmed to the token budget by ``gpu_jobs.inputs.format_ids`` (same turn-dropping
 rules as the cross-encoder). A batch is ``input_ids`` / ``attention_mask`` of shape (rows, 2, width); the
 model runs one shared encoder on the 2 x rows sequences and pools each to a vector.
 
 The families hand ``encode_frame``, ``Collator`` and ``row_length`` to the shared loop and prediction as their
-``RowIO`` (``gpu_jobs.models.neural.siamese_io``; the cross-encoder uses ``gpu_jobs.data``'s).
+``RowIO`` (``gpu_jobs.models.neural.siamese_io``; the cross-encoder uses ``gpu_jobs.inputs``'s).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from gpu_jobs import data as D
+from gpu_jobs import inputs as D
 from gpu_jobs.config import POOLINGS
 from gpu_jobs.models.cross_encoder import DROPOUT_KEYS
 from gpu_jobs.models.loading import resolve_model

@@ -102,7 +102,7 @@ def pretrain(cfg, model, tokenizer, accelerator, held_out: pd.DataFrame | None, 
     from torch.utils.data import DataLoader
     from transformers import get_scheduler
 
-    from gpu_jobs import data as D
+    from gpu_jobs import inputs as D
     from gpu_jobs.models.pairwise import Collator, encode_frame, row_length
     from gpu_jobs.train import make_optimizer
 

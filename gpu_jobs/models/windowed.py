@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from gpu_jobs import data as D
+from gpu_jobs import inputs as D
 from gpu_jobs.contract.turns import parse_turns
 from gpu_jobs.models import pairwise
 from gpu_jobs.models.neural import RowIO

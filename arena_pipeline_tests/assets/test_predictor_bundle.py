@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from arena_pipeline.assets.bundle import build_bundle_asset
+from arena_pipeline.assets.predictor_bundle import build_bundle_asset
 from arena_pipeline.bundle import score_frame
-from arena_pipeline.config import SHIPPED, SMOKE
+from arena_pipeline.profile import SHIPPED, SMOKE
 from arena_pipeline.data.clean import clean_frame
 from arena_pipeline.data.load import read_table
 from arena_pipeline.resources.launcher import JobLauncher

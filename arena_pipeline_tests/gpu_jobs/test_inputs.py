@@ -1,4 +1,4 @@
-"""gpu_jobs.data: reading targets, swap, tagged text within a token budget, batching."""
+"""gpu_jobs.inputs: reading targets, swap, tagged text within a token budget, batching."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from gpu_jobs import data as D
+from gpu_jobs import inputs as D
 from gpu_jobs.models.loading import resolve_model
 
 PAIRS = Path(__file__).resolve().parents[2] / "data" / "shipped" / "arena_bench_pairs.parquet"

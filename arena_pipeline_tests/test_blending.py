@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from arena_pipeline import ensemble as ens
+from arena_pipeline import blending as ens
 
 LN3 = float(np.log(3))
 

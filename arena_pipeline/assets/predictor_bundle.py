@@ -15,7 +15,7 @@ import yaml
 
 from arena_pipeline.bundle import (Predict, adapt_tie_prior, fold_key, load_manifest, planned_quantization,
                                    record_quantization, score_frame, submission_frame, write_bundle)
-from arena_pipeline.config import Profile
+from arena_pipeline.profile import Profile
 from arena_pipeline.data.clean import clean_frame
 from arena_pipeline.data.load import read_table
 from arena_pipeline.resources.launcher import JobLauncher

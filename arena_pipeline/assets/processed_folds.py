@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from arena_pipeline import plots
-from arena_pipeline.config import Profile
+from arena_pipeline.profile import Profile
 from arena_pipeline.data.folds import build_processed, fold_summary, length_percentiles
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_parquet, file_version
 from arena_pipeline.resources.tracking import MlflowTracking

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from arena_pipeline.assets.bundle import build_bundle_asset
+from arena_pipeline.assets.predictor_bundle import build_bundle_asset
 from arena_pipeline.bundle import score_frame
-from arena_pipeline.config import SMOKE
+from arena_pipeline.profile import SMOKE
 from arena_pipeline.resources.launcher import JobLauncher
 from arena_pipeline.resources.storage import ArenaStorage
 from arena_pipeline.resources.tracking import MlflowTracking
