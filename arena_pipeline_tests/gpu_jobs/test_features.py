@@ -10,17 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from gpu_jobs.models.features import (
-    FEATURE_GROUPS,
-    SWAP_PERMUTATION,
-    FeaturesConfig,
-    FeaturesModel,
-    dense_feature_names,
-    dense_features,
-    parse_frame,
-    response_features,
-    swap_frame,
-)
+from gpu_jobs.models.features import SWAP_PERMUTATION, FeaturesConfig, FeaturesModel, swap_frame
+from gpu_jobs.models.pair_features import (FEATURE_GROUPS, dense_feature_names, dense_features, parse_frame,
+                                           response_features)
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data" / "shipped"
