@@ -22,6 +22,17 @@ def isolated_home(tmp_path_factory, monkeypatch):
     yield home
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Tests that run a job's main() in this process each build an Accelerator; accelerate keeps one state per
+    process and refuses a second with another precision, so every test starts and ends without one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     home = tmp_path_factory.mktemp("smoke_home")
