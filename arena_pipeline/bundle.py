@@ -140,13 +140,17 @@ def score_frame(bundle_dir: Path, frame: pd.DataFrame, progress=None, predict: P
     return blended / blended.sum(axis=1, keepdims=True)
 
 
-def adapt_tie_prior(bundle_dir: Path, probs: np.ndarray) -> tuple[np.ndarray, dict]:
-    """The scored file's own tie rate by EM, and the probabilities under it (A/B swap consistency kept)."""
-    manifest = load_manifest(bundle_dir)
+def training_tie_rate(manifest: dict, bundle_dir: Path) -> float:
+    """The tie rate the bundle's blend assumes (where EM tie-prior adaptation starts from)."""
     if "oof_mean_tie" not in manifest:
         raise BundleError(f"{bundle_dir}/bundle.json has no 'oof_mean_tie' (built before tie-prior adaptation "
                           "existed): rebuild the bundle (materialise final_ensemble and predictor_bundle)")
-    return cal.em_tie_prior(probs, float(manifest["oof_mean_tie"]))
+    return float(manifest["oof_mean_tie"])
+
+
+def adapt_tie_prior(bundle_dir: Path, probs: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The scored file's own tie rate by EM, and the probabilities under it (A/B swap consistency kept)."""
+    return cal.em_tie_prior(probs, training_tie_rate(load_manifest(bundle_dir), bundle_dir))
 
 
 def submission_frame(ids, probs: np.ndarray) -> pd.DataFrame:

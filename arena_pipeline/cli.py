@@ -108,7 +108,7 @@ def _print_summary(profile) -> None:
 
 # ---------------------------------------------------------------- predict
 def cmd_predict(args) -> int:
-    from arena_pipeline.bundle import (BundleError, adapt_tie_prior, load_manifest, quantize_mode, score_frame,
+    from arena_pipeline.bundle import (BundleError, load_manifest, training_tie_rate, quantize_mode, score_frame,
                                        submission_frame)
     from arena_pipeline.data.clean import clean_frame
     from arena_pipeline.data.load import read_table
@@ -128,8 +128,7 @@ def cmd_predict(args) -> int:
         quantize = quantize_mode(manifest, args.quantize)
         if quantize != "none":  # the bundle's own mode: its report must not overwrite an input either
             refuse_overwrite([("quantization report", quant_report)], [("--input", args.input), ("--bundle", bundle)])
-        if args.adapt_tie_prior and "oof_mean_tie" not in manifest:
-            adapt_tie_prior(bundle, None)  # raises the rebuild message
+        train_tie = training_tie_rate(manifest, bundle) if args.adapt_tie_prior else None
         raw = read_table(args.input)
         frame, _ = clean_frame(raw, file=str(args.input), labelled=False, dedupe=False)
     except (DataError, BundleError, OverwriteError) as err:
@@ -156,7 +155,9 @@ def cmd_predict(args) -> int:
     if args.adapt_tie_prior:
         import json
 
-        probs, em = adapt_tie_prior(bundle, probs)
+        from arena_pipeline.calibration import em_tie_prior
+
+        probs, em = em_tie_prior(probs, train_tie)
         priors.write_text(json.dumps(em, indent=2) + "\n")
         print(f"tie prior by EM on {args.input}: {em['tie_prior_train']:.3f} (training) -> "
               f"{em['tie_prior_estimated']:.3f} {em['reason']} (report: {priors})")
