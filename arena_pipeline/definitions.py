@@ -27,6 +27,7 @@ from arena_pipeline.assets.raw import build_raw_assets
 from arena_pipeline.checks import FOLD_CHECKS, build_pseudo_checks
 from arena_pipeline.profile import Profile, get_profile
 from arena_pipeline.jobs import build_jobs
+from arena_pipeline.resources.asset_files import AssetFiles
 from arena_pipeline.resources.k8s_launcher import k8s_resources_from_env
 from arena_pipeline.resources.launcher import JobLauncher, default_environments
 from arena_pipeline.resources.storage import ArenaStorage
@@ -36,8 +37,10 @@ from arena_pipeline.sensors import build_sensors
 
 
 def build_resources(profile: Profile) -> dict:
+    storage = ArenaStorage(home=os.environ.get("ARENA_STORAGE_HOME", ""))
     resources = {
-        "storage": ArenaStorage(home=os.environ.get("ARENA_STORAGE_HOME", "")),
+        "storage": storage,
+        "io_manager": AssetFiles(storage=storage),  # an asset's parameter named after an upstream asset = its file
         "launcher": JobLauncher(
             accelerate_config=os.environ.get("ARENA_ACCELERATE_CONFIG", str(profile.accelerate_config_path)),
             environments=default_environments(),

@@ -238,11 +238,11 @@ def build_evaluation_asset(profile: Profile) -> dg.AssetsDefinition:
     class LosoConfig(dg.Config):
         sources: list[str] = ["pandalm_testset_v1", "llmbar"]
 
-    @dg.asset(group_name="evaluation", deps=["processed_folds", "stage1_ensemble"], pool="gpu", kinds={"pytorch"},
+    @dg.asset(group_name="evaluation", deps=["stage1_ensemble"], pool="gpu", kinds={"pytorch"},
               description="Leave-one-source-out evaluation of the stage-1 recipe on human-labelled sources.")
     def loso_evaluation(context: dg.AssetExecutionContext, config: LosoConfig, storage: ArenaStorage,
-                        launcher: JobLauncher, mlflow: MlflowTracking):
-        processed = pd.read_parquet(storage.data("processed_folds"))
+                        launcher: JobLauncher, mlflow: MlflowTracking, processed_folds: Path):
+        processed = pd.read_parquet(processed_folds)
         held_out: dict[str, dict] = {}
         for source in config.sources:
             frame = loso_split(processed, source)

@@ -73,13 +73,13 @@ def build_hpo_asset(spec: ModelSpec, profile: Profile) -> dg.AssetsDefinition:
         fold: int = profile.folds[0]  # the validation fold every trial trains against
         seed: int = profile.seed  # sampler seed (offset by the trials already in the study)
 
-    @dg.asset(name=name, group_name=HPO_STAGE, deps=["processed_folds"], pool="gpu", kinds={"optuna", "mlflow"},
+    @dg.asset(name=name, group_name=HPO_STAGE, pool="gpu", kinds={"optuna", "mlflow"},
               tags={"model": spec.name},
               description=f"optuna study of '{spec.name}' ({spec.config}): each trial a `gpu_jobs.train` job on one "
                           "fold and an MLflow child run; stored in the instance's sqlite so it resumes; best config "
                           "in metadata and hpo/<model>/best.json (opt-in for the OOF asset: use_hpo).")
     def _hpo(context: dg.AssetExecutionContext, config: HpoConfig, storage: ArenaStorage, launcher: JobLauncher,
-             mlflow: MlflowTracking) -> dg.MaterializeResult:
+             mlflow: MlflowTracking, processed_folds: Path) -> dg.MaterializeResult:
         import optuna
 
         study_name = f"{profile.name}/{spec.name}/fold{config.fold}"
@@ -87,7 +87,7 @@ def build_hpo_asset(spec: ModelSpec, profile: Profile) -> dg.AssetsDefinition:
                                     load_if_exists=True,
                                     sampler=optuna.samplers.TPESampler(seed=config.seed + len(study_trials(
                                         study_name, storage))))
-        data = storage.data("processed_folds")
+        data = processed_folds
         before = len(study.trials)
         for _ in range(config.n_trials):
             trial = study.ask()

@@ -57,9 +57,9 @@ def resolved_config(out: Path) -> dict:
     return yaml.safe_load(path.read_text()) if path.exists() else {}
 
 
-def stage2_training_data(storage: ArenaStorage, fold: int, pseudo_weight: float) -> Path:
+def stage2_training_data(storage: ArenaStorage, processed_folds: Path, fold: int, pseudo_weight: float) -> Path:
     """Human rows (one-hot targets) + fold K's pseudo-labelled rows (soft targets, train only)."""
-    human = pd.read_parquet(storage.data("processed_folds"))
+    human = pd.read_parquet(processed_folds)
     y = label_index(human)
     targets = np.eye(3)[y]
     human = human.assign(target_a=targets[:, 0], target_b=targets[:, 1], target_tie=targets[:, 2], sample_weight=1.0)
@@ -87,7 +87,7 @@ def fold_plots(out: Path, processed: pd.DataFrame, title: str) -> dict[str, Path
 
 def build_oof_asset(stage: str, spec: ModelSpec, profile: Profile) -> dg.AssetsDefinition:
     name = oof_asset_name(stage, spec.name)
-    deps = ["processed_folds"] if stage == STAGE1 else ["processed_folds", "pseudo_labels"]
+    deps = [] if stage == STAGE1 else ["pseudo_labels"]  # processed_folds: an input (the IO manager's path)
 
     class OofConfig(dg.Config):
         use_hpo: bool = False  # opt-in: train with the best trial of hpo_<model> (hpo/<model>/best.json)
@@ -105,23 +105,22 @@ def build_oof_asset(stage: str, spec: ModelSpec, profile: Profile) -> dg.AssetsD
         tags={"stage": stage, "model": spec.name},
     )
     def _oof(context: dg.AssetExecutionContext, config: OofConfig, storage: ArenaStorage, launcher: JobLauncher,
-             mlflow: MlflowTracking) -> dg.MaterializeResult:
+             mlflow: MlflowTracking, processed_folds: Path) -> dg.MaterializeResult:
         hpo_extra, hpo = [], None
         if config.use_hpo:
             from arena_pipeline.assets.hpo import hpo_overrides
 
             hpo_extra, hpo = hpo_overrides(storage, spec.name)
             context.log.info(f"{name}: best trial {hpo['trial']} of study {hpo['study']}: {hpo_extra}")
-        processed_path = storage.data("processed_folds")
-        processed = pd.read_parquet(processed_path)
+        processed = pd.read_parquet(processed_folds)
         per_fold: dict[str, dict] = {}
         images: dict[str, dg.MetadataValue] = {}
         links: dict[str, str] = {}
         for fold in run_folds(context):
             if stage == STAGE1:
-                data = processed_path
+                data = processed_folds
             else:
-                data = stage2_training_data(storage, fold, profile.pseudo_weight)
+                data = stage2_training_data(storage, processed_folds, fold, profile.pseudo_weight)
             out = storage.job_dir(stage, spec.name, fold)
             shutil.rmtree(out, ignore_errors=True)  # a stale result must never pass for this run's
             data_version = file_version(Path(data))

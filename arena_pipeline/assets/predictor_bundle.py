@@ -64,7 +64,7 @@ def build_bundle_asset(profile: Profile) -> dg.AssetsDefinition:
               description="Self-contained predictor (models, weights, temperature, configs, data versions) that "
                           "scores new files without Dagster; writes submission.csv for a configured test file.")
     def predictor_bundle(context: dg.AssetExecutionContext, config: BundleConfig, storage: ArenaStorage,
-                         mlflow: MlflowTracking, launcher: JobLauncher):
+                         mlflow: MlflowTracking, launcher: JobLauncher, processed_folds: Path):
         submission = storage.bundle_dir / "submission.csv"
         # the bundle folder is replaced whole: a test file inside it would be deleted before it is read
         refuse_overwrite([("submission", submission), ("bundle folder", storage.bundle_dir)],
@@ -78,7 +78,7 @@ def build_bundle_asset(profile: Profile) -> dg.AssetsDefinition:
                 model_dirs[(stage, model, fold)] = job_dir / "model"
                 configs[f"{stage}/{model}"] = yaml.safe_load((job_dir / "model" / "config.yaml").read_text())
                 versions[f"{stage}/{model}/fold{fold}"] = json.loads((job_dir / "job.json").read_text())["data_version"]
-        versions["processed_folds"] = file_version(storage.data("processed_folds"))
+        versions["processed_folds"] = file_version(processed_folds)
         bundle = write_bundle(storage.bundle_dir, spec, model_dirs,
                               {"configs": configs, "data_versions": versions, "profile": profile.name})
         # how each member fold would be quantised on this machine, replaced below by what the scoring jobs report

@@ -14,6 +14,7 @@ from arena_pipeline.assets.oof import STAGE1, build_oof_asset
 from arena_pipeline.assets.raw import build_raw_assets
 from arena_pipeline.profile import SMOKE
 from arena_pipeline.resources.launcher import JobLauncher
+from arena_pipeline.resources.asset_files import AssetFiles
 from arena_pipeline.resources.storage import ArenaStorage
 from arena_pipeline.resources.tracking import MlflowTracking
 
@@ -24,14 +25,14 @@ pytestmark = pytest.mark.slow  # real training launches: about a minute each on 
 def test_hpo_study_trials_runs_best_config_resume_and_oof_opt_in(tmp_path):
     storage = ArenaStorage(home=str(tmp_path / "arena"))
     mlflow = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    resources = {"storage": storage, "mlflow": mlflow, "launcher": JobLauncher()}
+    resources = {"storage": storage, "io_manager": AssetFiles(storage=storage), "mlflow": mlflow, "launcher": JobLauncher()}
     assert dg.materialize([*build_raw_assets(SMOKE), build_folds_asset(SMOKE)], resources=resources).success
     hpo_assets = build_hpo_assets(SMOKE)
     assert [a.key.to_user_string() for a in hpo_assets] == [f"hpo_{MODEL}"]  # features has no search space
     hpo = hpo_assets[0]
 
     def search(n_trials: int):
-        result = dg.materialize([hpo], resources=resources, selection=[hpo.key],
+        result = dg.materialize([dg.AssetSpec("processed_folds"), hpo], resources=resources, selection=[hpo.key],
                                 run_config={"ops": {f"hpo_{MODEL}": {"config": {"n_trials": n_trials}}}})
         assert result.success
         return result, {k: v.value for k, v in result.asset_materializations_for_node(f"hpo_{MODEL}")[0]
@@ -57,7 +58,7 @@ def test_hpo_study_trials_runs_best_config_resume_and_oof_opt_in(tmp_path):
 
     # opt-in: the OOF asset trains with the best trial's overrides; its resolved config and metadata show it
     oof = build_oof_asset(STAGE1, SMOKE.model(MODEL), SMOKE)
-    result = dg.materialize([oof], resources=resources, partition_key=str(SMOKE.folds[0]),
+    result = dg.materialize([dg.AssetSpec("processed_folds"), oof], resources=resources, selection=[oof.key], partition_key=str(SMOKE.folds[0]),
                             run_config={"ops": {oof.op.name: {"config": {"use_hpo": True}}}})
     assert result.success
     meta = {k: v.value for k, v in result.asset_materializations_for_node(oof.op.name)[0].metadata.items()}
