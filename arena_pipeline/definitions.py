@@ -85,7 +85,8 @@ def k8s_launcher() -> K8sJobLauncher:
     ``dg.EnvVar`` (resolved when the resource starts; an unset ARENA_K8S_IMAGE or a non-integer ARENA_K8S_GPUS fails
     there, naming the variable), the structured ones parsed here."""
     images = _env_structured("ARENA_K8S_IMAGES", dict)
-    images["default"] = dg.EnvVar("ARENA_K8S_IMAGE")
+    if os.environ.get("ARENA_K8S_IMAGE") or "default" not in images:  # unset: the resource's start names it
+        images["default"] = dg.EnvVar("ARENA_K8S_IMAGE")
     if os.environ.get("ARENA_K8S_IMAGE_GENERATION"):
         images["generation"] = dg.EnvVar("ARENA_K8S_IMAGE_GENERATION")
     settings: dict = {field: dg.EnvVar(name) for field, name in K8S_ENV_STR.items() if os.environ.get(name)}

@@ -79,7 +79,8 @@ class K8sJobLauncher(K8sJobSettings):
         namespace = self.job_namespace()
         spec = self.pod_spec(module, args, environment, accelerate=accelerate, accelerate_config=accelerate_config)
         command = list(spec["containers"][0]["command"])
-        context.log.info(f"launching pod '{name}' in namespace '{namespace}', image {self.image_for(environment)}, "
+        context.log.info(f"launching a pod labelled {LABEL_PREFIX}/job={name} in namespace '{namespace}', image "
+                         f"{self.image_for(environment)}, "
                          f"{self.gpus_for(environment)} GPU(s): " + " ".join(command))
         client = PipesK8sClient(load_incluster_config=self.load_incluster_config, kubeconfig_file=self.kubeconfig_file,
                                 kube_context=self.kube_context, poll_interval=self.poll_interval_s)
@@ -146,7 +147,7 @@ class K8sJobLauncher(K8sJobSettings):
         deadline = time.time() + self.pod_wait_timeout_s
         while True:
             condition = _condition(custom.get_namespaced_custom_object(name=name, namespace=namespace, **PYTORCHJOB))
-            if logs is None and (condition or self._started(core, master, namespace)):
+            if logs is None and self._started(core, master, namespace):
                 logs = threading.Thread(target=self._consume_logs, args=(context, reader, core, master, namespace),
                                         daemon=True)
                 logs.start()
