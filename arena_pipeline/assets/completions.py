@@ -16,7 +16,7 @@ import yaml
 
 from arena_pipeline.profile import Profile
 from arena_pipeline.data.clean import clean_frame
-from arena_pipeline.resources.launcher import JobLauncher, vllm_available
+from arena_pipeline.resources.launching import Launcher
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_parquet, file_version
 from arena_pipeline.resources.tracking import MlflowTracking
 from gpu_jobs.contract.atomic import atomic_write_text
@@ -64,11 +64,11 @@ def build_completion_assets(profile: Profile) -> list[dg.AssetsDefinition]:
               description="New answers to the prompts (temperature 0.7, top_p 0.9, multi-turn regenerated turn by "
                           "turn), by `gpu_jobs.generate` in its own environment; stock or SFT-tuned generator.")
     def generated_completions(context: dg.AssetExecutionContext, config: GenerateConfig, storage: ArenaStorage,
-                              launcher: JobLauncher, mlflow: MlflowTracking, raw_prompts: Path):
+                              launcher: Launcher, mlflow: MlflowTracking, raw_prompts: Path):
         backend = config.backend
         if backend == "auto":
-            backend = "vllm" if vllm_available(launcher) else "transformers"
-        if backend == "vllm" and not vllm_available(launcher):
+            backend = "vllm" if launcher.has_environment("generation") else "transformers"
+        if backend == "vllm" and not launcher.has_environment("generation"):
             raise dg.Failure("backend 'vllm' asked for, but no generation environment exists: run "
                              "`make vllm-env` (scripts/setup_vllm_env.sh) or use backend 'transformers'")
         out = storage.data("generated_completions")

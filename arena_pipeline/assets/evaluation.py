@@ -27,7 +27,7 @@ from arena_pipeline.assets.ensembles import Member
 from arena_pipeline.assets.oof import job_args
 from arena_pipeline.profile import Profile
 from arena_pipeline.data.folds import label_index
-from arena_pipeline.resources.launcher import JobLauncher
+from arena_pipeline.resources.launching import Launcher
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_json, atomic_write_parquet
 from arena_pipeline.resources.tracking import MlflowTracking
 from gpu_jobs.contract.schema import PROB_COLUMNS
@@ -241,7 +241,7 @@ def build_evaluation_asset(profile: Profile) -> dg.AssetsDefinition:
     @dg.asset(group_name="evaluation", deps=["stage1_ensemble"], pool="gpu", kinds={"pytorch"},
               description="Leave-one-source-out evaluation of the stage-1 recipe on human-labelled sources.")
     def loso_evaluation(context: dg.AssetExecutionContext, config: LosoConfig, storage: ArenaStorage,
-                        launcher: JobLauncher, mlflow: MlflowTracking, processed_folds: Path):
+                        launcher: Launcher, mlflow: MlflowTracking, processed_folds: Path):
         processed = pd.read_parquet(processed_folds)
         held_out: dict[str, dict] = {}
         for source in config.sources:

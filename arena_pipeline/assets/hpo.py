@@ -21,7 +21,7 @@ import dagster as dg
 
 from arena_pipeline.assets.oof import job_args, read_history, resolved_config
 from arena_pipeline.profile import ModelSpec, Profile
-from arena_pipeline.resources.launcher import JobLauncher
+from arena_pipeline.resources.launching import Launcher
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_json
 from arena_pipeline.resources.tracking import MlflowTracking
 
@@ -78,7 +78,7 @@ def build_hpo_asset(spec: ModelSpec, profile: Profile) -> dg.AssetsDefinition:
               description=f"optuna study of '{spec.name}' ({spec.config}): each trial a `gpu_jobs.train` job on one "
                           "fold and an MLflow child run; stored in the instance's sqlite so it resumes; best config "
                           "in metadata and hpo/<model>/best.json (opt-in for the OOF asset: use_hpo).")
-    def _hpo(context: dg.AssetExecutionContext, config: HpoConfig, storage: ArenaStorage, launcher: JobLauncher,
+    def _hpo(context: dg.AssetExecutionContext, config: HpoConfig, storage: ArenaStorage, launcher: Launcher,
              mlflow: MlflowTracking, processed_folds: Path) -> dg.MaterializeResult:
         import optuna
 

@@ -19,7 +19,7 @@ from arena_pipeline import plots
 from arena_pipeline.profile import ModelSpec, Profile
 from arena_pipeline.data.folds import label_index
 from arena_pipeline.partitions import fold_partitions, run_folds
-from arena_pipeline.resources.launcher import JobLauncher
+from arena_pipeline.resources.launching import Launcher
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_json, atomic_write_parquet, file_version
 from gpu_jobs.contract.schema import LABEL_COLUMNS, PROB_COLUMNS, TARGET_COLUMNS, WEIGHT_COLUMN
 from arena_pipeline.resources.tracking import MlflowTracking
@@ -104,7 +104,7 @@ def build_oof_asset(stage: str, spec: ModelSpec, profile: Profile) -> dg.AssetsD
                     "Each fold trains in its own `accelerate launch -m gpu_jobs.train` process.",
         tags={"stage": stage, "model": spec.name},
     )
-    def _oof(context: dg.AssetExecutionContext, config: OofConfig, storage: ArenaStorage, launcher: JobLauncher,
+    def _oof(context: dg.AssetExecutionContext, config: OofConfig, storage: ArenaStorage, launcher: Launcher,
              mlflow: MlflowTracking, processed_folds: Path) -> dg.MaterializeResult:
         hpo_extra, hpo = [], None
         if config.use_hpo:

@@ -20,7 +20,7 @@ from arena_pipeline import blending as ens
 from arena_pipeline import plots
 from arena_pipeline.assets.oof import STAGE1
 from arena_pipeline.profile import Profile
-from arena_pipeline.resources.launcher import JobLauncher
+from arena_pipeline.resources.launching import Launcher
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_json, atomic_write_parquet
 from arena_pipeline.resources.tracking import MlflowTracking
 from gpu_jobs.contract.schema import PROB_COLUMNS, TARGET_COLUMNS
@@ -75,7 +75,7 @@ def build_pseudo_label_asset(profile: Profile) -> dg.AssetsDefinition:
               description="Soft labels (no threshold) on the unlabelled pool from the stage-1 ensemble, per fold, "
                           "leak-free by construction and by blocking check.")
     def pseudo_labels(context: dg.AssetExecutionContext, config: PseudoConfig, storage: ArenaStorage,
-                      launcher: JobLauncher, mlflow: MlflowTracking, processed_folds: Path, unlabelled_pairs: Path):
+                      launcher: Launcher, mlflow: MlflowTracking, processed_folds: Path, unlabelled_pairs: Path):
         spec = json.loads(storage.ensemble(config.ensemble).read_text())
         weights = {name: w for name, w in spec["weights"].items() if w > 0}
         members = [m for m in spec["members"] if m["name"] in weights]

@@ -16,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 
 from arena_pipeline.profile import Profile
-from arena_pipeline.resources.launcher import JobLauncher
+from arena_pipeline.resources.launching import Launcher
 from arena_pipeline.resources.storage import ArenaStorage
 from arena_pipeline.resources.tracking import MlflowTracking
 
@@ -54,7 +54,7 @@ def build_sft_asset(profile: Profile) -> dg.AssetsDefinition:
                           "template, multi-turn, assistant-only loss) by `gpu_jobs.sft`; adapter in MLflow, merged "
                           "weights for `generated_completions` (generator: sft).")
     def generator_sft(context: dg.AssetExecutionContext, config: SftConfig, storage: ArenaStorage,
-                      launcher: JobLauncher, mlflow: MlflowTracking, raw_prompts: Path) -> dg.MaterializeResult:
+                      launcher: Launcher, mlflow: MlflowTracking, raw_prompts: Path) -> dg.MaterializeResult:
         out = sft_dir(storage)
         args = ["--model", profile.generator_model, "--answers", config.answers_path, "--output-dir", str(out),
                 "--exclude-questions", str(raw_prompts),
