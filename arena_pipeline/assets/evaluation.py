@@ -61,7 +61,7 @@ def swapped_members(members: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """
     out = {}
     for name in members:
-        twin = name[: -len("+tta")] if name.endswith("+tta") else f"{name}+tta"
+        twin = base_member(name) if name.endswith("+tta") else f"{name}+tta"
         out[name] = members[twin] if twin in members else members[name]
     return out
 
@@ -78,9 +78,28 @@ def ablation_rows(y: np.ndarray, members: dict[str, np.ndarray], weights: dict[s
     used = {n: w for n, w in weights.items() if n in members}
     fitted = ens.blend(members, used)
     rows.append(_row("fitted blend (stage-1 weights)", y, fitted))
+    rows += leave_one_member_out_rows(y, members, used)
     tempered = ens.apply_temperature(fitted, temperature)
     rows.append(_row("+ temperature", y, tempered))
     rows.append(_row("+ tie prior (fitted on stage-1 OOF)", y, ens.apply_tie_bias(tempered, tie_bias)))
+    return rows
+
+
+def base_member(name: str) -> str:
+    """A member's model without its TTA twin mark (``stage1/x+tta`` -> ``stage1/x``)."""
+    return name[: -len("+tta")] if name.endswith("+tta") else name
+
+
+def leave_one_member_out_rows(y: np.ndarray, members: dict[str, np.ndarray], weights: dict[str, float]) -> list[dict]:
+    """The fitted blend without each model (its TTA twin too), the other weights renormalised (all zero: the
+    uniform blend of the rest), so the table shows the blend with and without every member."""
+    rows = []
+    for model in sorted({base_member(n) for n in members}):
+        rest = {n: p for n, p in members.items() if base_member(n) != model}
+        if not rest:
+            continue
+        rest_weights = {n: w for n, w in weights.items() if n in rest and w > 0} or {n: 1.0 for n in rest}
+        rows.append(_row(f"fitted blend without {model}", y, ens.blend(rest, rest_weights)))
     return rows
 
 
