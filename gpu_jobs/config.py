@@ -104,6 +104,9 @@ class TrainingConfig(Section):
     swap_augment: Bool = False  # also train on every row with A and B swapped
     max_train_rows: Int | None = Field(None, ge=1)  # seeded subsample of the training rows (smoke runs)
     checkpoint_every_steps: Int | None = Field(None, ge=1)  # resumable checkpoints in OUT.ckpt/ every N steps
+    # score the validation fold every N optimiser steps (Pipes message kind "val", metrics.json val_curve): what
+    # HPO prunes on; costs one prediction pass over the fold each time
+    eval_every_steps: Int | None = Field(None, ge=1)
 
 
 class InferenceConfig(Section):
