@@ -15,7 +15,7 @@ from arena_pipeline.partitions import fold_partitions
 # name -> description; `arena-pipeline demo --job` offers exactly these names
 JOBS = {
     "data_job": "Read, clean and validate the inputs; build processed_folds.",
-    "stage1_job": "Stage-1 training jobs (one per model and fold) and the stage-1 ensemble.",
+    "stage1_job": "Stage-1 training jobs (one per model and fold; a student's nested teacher jobs too) and the stage-1 ensemble.",
     "pseudo_labels_job": "Regenerate completions and rebuild pseudo labels from the stage-1 models.",
     "stage2_job": "Stage-2 training on human + pseudo labels, final ensemble and bundle.",
     "full_pipeline_job": "Everything, raw files to predictor bundle.",
@@ -28,7 +28,10 @@ PSEUDO_ASSETS = ["raw_unlabelled", "raw_prompts", "generated_completions", "unla
 def build_jobs(profile: Profile) -> list[dg.UnresolvedAssetJobDefinition]:
     from arena_pipeline.assets.oof import STAGE1, STAGE2, oof_asset_name  # here: the CLI imports JOBS cheaply
 
-    stage1 = [oof_asset_name(STAGE1, m.name) for m in profile.models] + ["stage1_ensemble"]
+    from arena_pipeline.assets.distillation import targets_asset_name
+
+    stage1 = ([oof_asset_name(STAGE1, m.name) for m in profile.models] + ["stage1_ensemble"]
+              + [targets_asset_name(m.name) for m in profile.models if m.distill])
     stage2 = [oof_asset_name(STAGE2, m.name) for m in profile.stage2_models] + ["final_ensemble", "predictor_bundle"]
     parts = fold_partitions(profile)
     return [
