@@ -94,8 +94,8 @@ def student_training_data(storage: ArenaStorage, student: str, fold: int) -> Pat
 
 def leakage_report(storage: ArenaStorage, student: str, folds: tuple[int, ...]) -> dict:
     """Per outer fold K: rows whose targets came from a teacher that trained on fold K or on the row's own fold
-    (provenance columns), rows of fold K itself, teacher jobs whose ``job.json`` says they trained on fold K or
-    held out another outer fold, and targets not summing to 1. ``passed`` only when every count is 0; folds with
+    (provenance columns), rows of fold K itself, rows whose provenance is not that of a listed teacher job, teacher
+    jobs whose ``job.json`` says they trained on fold K or held out another outer fold, and targets not summing to 1. ``passed`` only when every count is 0; folds with
     no targets file yet are listed, not failed (a run may materialise one partition)."""
     report: dict = {"passed": True, "leaky_folds": [], "folds_not_materialised": [], "folds": {}}
     for fold in folds:
@@ -113,22 +113,27 @@ def leakage_report(storage: ArenaStorage, student: str, folds: tuple[int, ...]) 
         validation_rows = int((frame["fold"] == fold).sum())
         sums = frame[TARGETS].sum(axis=1).to_numpy()
         bad_sums = int(((np.abs(sums - 1) > 1e-6) | (frame[TARGETS].to_numpy() < 0).any(axis=1)).sum())
-        wrong_jobs = []
+        wrong_jobs, job_folds = [], {}
         jobs_file = teacher_jobs_file(storage, student, fold)
         for job in (json.loads(jobs_file.read_text()) if jobs_file.exists() else []):
             record = json.loads((Path(job["job_dir"]) / "job.json").read_text())
+            job_folds[(record["model"], int(record["fold"]))] = set(record["train_folds"])
             if (fold in record["train_folds"] or int(record["fold"]) == fold
                     or int(record["outer_fold"]) != fold):
                 wrong_jobs.append(f"{record['model']} outer {record['outer_fold']} fold {record['fold']} "
                                   f"trained on {record['train_folds']}")
-        ok = not (on_outer or on_own or other_outer or validation_rows or bad_sums or wrong_jobs)
+        # each row's provenance must be that of a listed job of each of its teacher members (none: not checked)
+        unmatched = int(sum(any(job_folds.get((member, int(row))) != f for member in name.split("+"))
+                            for name, row, f in zip(frame["teacher"], frame["fold"], trained) if name))
+        ok = not (on_outer or on_own or other_outer or validation_rows or bad_sums or wrong_jobs or unmatched)
         if not jobs_file.exists():
             ok, wrong_jobs = False, [f"no teacher job list at {jobs_file}"]
         report["folds"][str(fold)] = {
             "rows": len(frame), "rows_with_teacher": int(has_teacher.sum()),
             "rows_teacher_trained_on_outer_fold": on_outer, "rows_teacher_trained_on_own_fold": on_own,
             "rows_from_other_outer_fold": other_outer, "rows_of_validation_fold": validation_rows,
-            "rows_not_summing_to_one": bad_sums, "teacher_jobs_trained_on_outer_fold": wrong_jobs, "passed": ok}
+            "rows_not_summing_to_one": bad_sums, "rows_not_matching_a_teacher_job": unmatched,
+            "teacher_jobs_trained_on_outer_fold": wrong_jobs, "passed": ok}
         if not ok:
             report["passed"] = False
             report["leaky_folds"].append(fold)

@@ -131,7 +131,9 @@ def build_oof_asset(stage: str, spec: ModelSpec, profile: Profile) -> dg.AssetsD
         pool="gpu",
         kinds={*spec.family.kinds, "mlflow"},
         description=f"{stage} out-of-fold predictions of '{spec.name}' ({spec.config}); one partition per fold. "
-                    "Each fold trains in its own `accelerate launch -m gpu_jobs.train` process.",
+                    "Each fold trains in its own `accelerate launch -m gpu_jobs.train` process."
+                    + (f" A student of {list(spec.distill.teacher)}: trains on the soft targets of "
+                       f"{targets_asset_name(spec.name)}." if student else ""),
         tags={"stage": stage, "model": spec.name},
     )
     def _oof(context: dg.AssetExecutionContext, config: OofConfig, storage: ArenaStorage, launcher: JobLauncher,

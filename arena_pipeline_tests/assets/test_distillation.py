@@ -83,7 +83,8 @@ def test_graph_lineage_teacher_targets_student_and_blocking_check():
     assert dg.AssetKey(oof_asset_name(STAGE1, TEACHER)) not in graph.get(dg.AssetKey(oof_asset_name(STAGE1, STUDENT))).parent_keys
     (check,) = [c for c in graph.asset_check_keys if c.asset_key == targets]
     assert check.name == "distill_targets_no_leakage"
-    assert defs.resolve_job_def("stage1_job").asset_layer.asset_graph.has(targets)
+    stage1_job = {k.to_user_string() for k in defs.resolve_job_def("stage1_job").asset_layer.executable_asset_keys}
+    assert stage1_job == {"stage1_oof_features", "stage1_oof_features_student", "stage1_ensemble", targets.path[0]}
     # a plain member's OOF and the shipped profiles have no distillation assets
     smoke = build_definitions(load_profile("smoke")).resolve_asset_graph()
     assert not [k for k in smoke.get_all_asset_keys() if k.to_user_string().startswith("distill_")]
@@ -113,7 +114,7 @@ def distilled(tmp_path_factory):
     result = dg.materialize([*assets, *build_distillation_checks(profile)], selection=selection, partition_key="0",
                             resources={"storage": storage, "mlflow": mlflow, "launcher": JobLauncher()},
                             raise_on_error=False)
-    return {"result": result, "profile": profile, "storage": storage, "mlflow": mlflow}
+    return {"result": result, "profile": profile, "storage": storage, "mlflow": mlflow, "assets": assets}
 
 
 pipeline = pytest.mark.slow  # real `gpu_jobs.train` launches: 3 features jobs, ~12 s each with the launch
@@ -215,6 +216,7 @@ def test_leak_check_passes_on_the_asset_and_fails_on_leaky_files(distilled, tmp_
     assert not report["passed"] and report["leaky_folds"] == [0]
     assert report["folds"]["0"]["rows_teacher_trained_on_outer_fold"] == 2
     assert report["folds"]["0"]["rows_teacher_trained_on_own_fold"] == 0
+    assert report["folds"]["0"]["rows_not_matching_a_teacher_job"] == 2  # their job trained on {-1, 2}
     # the Dagster check itself, on the leaky state folder
     from arena_pipeline.checks import build_distillation_checks
 
@@ -222,6 +224,12 @@ def test_leak_check_passes_on_the_asset_and_fails_on_leaky_files(distilled, tmp_
     result = check_def(storage=leaky)
     assert not result.passed and result.metadata["folds.0.rows_teacher_trained_on_outer_fold"].value == 2
     assert result.metadata["leaky_folds"].text == "0"
+    # and it blocks: a run of the check and the student on the leaky folder fails the check, the student never runs
+    blocked = dg.materialize([*distilled["assets"], check_def], partition_key="0", raise_on_error=False,
+                             selection=dg.AssetSelection.checks(check_def) | dg.AssetSelection.assets(oof_asset_name(STAGE1, STUDENT)),
+                             resources={"storage": leaky, "mlflow": distilled["mlflow"], "launcher": JobLauncher()})
+    assert [c.passed for c in blocked.get_asset_check_evaluations()] == [False]
+    assert not blocked.success and not blocked.get_asset_materialization_events()
 
     # 2. a row whose teacher trained on the row's own fold
     frame = clean.copy()
