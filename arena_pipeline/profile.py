@@ -12,6 +12,9 @@ an absolute path) and its ``overrides`` as a nested mapping (``{training: {max_l
 load against that family's config class, so a typo in a member's key fails here and not after
 ``accelerate launch``. Each job then gets the member's one resolved config file (``ModelSpec.write_config``).
 
+A member's entry may make it a distillation student (``distill: {teacher: [...], alpha: 0.5}``; teachers are
+checked here, see ``arena_pipeline/assets/distillation.py``).
+
 A profile may derive from another (``base: full``) and list only what it swaps: top-level keys replace the
 base's, ``data:`` keys replace the base's one by one, ``member_swaps: {<member>: {overrides: ..., 
 accelerate_config: ...}}`` deep-merge into that member's entry. ``Profile.differences`` lists every swap (printed
