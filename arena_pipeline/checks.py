@@ -1,4 +1,4 @@
-"""Blocking asset checks: bad folds or leaked pseudo labels stop everything downstream."""
+"""Blocking asset checks: bad folds, leaked pseudo labels or leaked distillation targets stop everything downstream."""
 
 
 from pathlib import Path
@@ -6,6 +6,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
+from arena_pipeline.assets import distillation
 from arena_pipeline.assets.pseudo_labels import leakage_report
 from arena_pipeline.profile import Profile
 from arena_pipeline.data.folds import check_groups_disjoint, check_label_balance, check_unique_ids
@@ -64,6 +65,23 @@ def build_pseudo_checks(profile: Profile) -> list[dg.AssetChecksDefinition]:
         return _result(report["passed"], report)
 
     return [pseudo_labels_no_leakage]
+
+
+def build_distillation_checks(profile: Profile) -> list[dg.AssetChecksDefinition]:
+    """One blocking leak check per student's targets asset: a failure stops the student's training."""
+
+    def check_for(student: str) -> dg.AssetChecksDefinition:
+        @dg.asset_check(asset=distillation.targets_asset_name(student), name="distill_targets_no_leakage",
+                        blocking=True,
+                        description="Outer fold K's targets come only from teacher jobs that trained neither on fold K "
+                                    "nor on the row's own fold (each row's provenance and each teacher job's job.json).")
+        def distill_targets_no_leakage(storage: ArenaStorage) -> dg.AssetCheckResult:
+            report = distillation.leakage_report(storage, student, profile.folds)
+            return _result(report["passed"], report)
+
+        return distill_targets_no_leakage
+
+    return [check_for(m.name) for m in profile.models if m.distill]
 
 
 FOLD_CHECKS = [folds_groups_disjoint, folds_label_balance, folds_unique_ids]

@@ -21,6 +21,7 @@ import dagster as dg
 
 from arena_pipeline.assets.predictor_bundle import build_bundle_asset
 from arena_pipeline.assets.completions import build_completion_assets
+from arena_pipeline.assets.distillation import build_distillation_assets
 from arena_pipeline.assets.ensembles import build_ensemble_assets
 from arena_pipeline.assets.evaluation import build_evaluation_asset
 from arena_pipeline.assets.processed_folds import build_folds_asset
@@ -29,7 +30,7 @@ from arena_pipeline.assets.oof import STAGE1, STAGE2, build_oof_assets
 from arena_pipeline.assets.pseudo_labels import build_pseudo_label_asset
 from arena_pipeline.assets.sft import build_sft_asset
 from arena_pipeline.assets.raw import build_raw_assets
-from arena_pipeline.checks import FOLD_CHECKS, build_pseudo_checks
+from arena_pipeline.checks import FOLD_CHECKS, build_distillation_checks, build_pseudo_checks
 from arena_pipeline.profile import REPO_ROOT, Profile, get_profile
 from arena_pipeline.jobs import build_jobs
 from arena_pipeline.resources.asset_files import AssetFiles
@@ -138,6 +139,7 @@ def build_definitions(profile: Profile) -> dg.Definitions:
         build_folds_asset(profile),
         build_sft_asset(profile),
         *build_completion_assets(profile),
+        *build_distillation_assets(profile),
         *build_oof_assets(STAGE1, profile),
         *build_hpo_assets(profile),
         *build_ensemble_assets(profile),
@@ -150,7 +152,7 @@ def build_definitions(profile: Profile) -> dg.Definitions:
     pseudo_job = next(j for j in jobs if j.name == "pseudo_labels_job")
     return dg.Definitions(
         assets=assets,
-        asset_checks=[*FOLD_CHECKS, *build_pseudo_checks(profile)],
+        asset_checks=[*FOLD_CHECKS, *build_pseudo_checks(profile), *build_distillation_checks(profile)],
         jobs=jobs,
         schedules=build_schedules(pseudo_job),
         sensors=build_sensors(pseudo_job),

@@ -15,7 +15,7 @@ from arena_pipeline.partitions import fold_partitions
 # name -> description; `arena-pipeline demo --job` offers exactly these names
 JOBS = {
     "data_job": "Read, clean and validate the inputs; build processed_folds.",
-    "stage1_job": "Stage-1 training jobs (one per model and fold) and the stage-1 ensemble.",
+    "stage1_job": "Stage-1 training jobs (one per model and fold; a student's nested teacher jobs too) and the stage-1 ensemble.",
     "pseudo_labels_job": "Regenerate completions and rebuild pseudo labels from the stage-1 models.",
     "stage2_job": "Stage-2 training on human + pseudo labels, final ensemble and bundle.",
     "full_pipeline_job": "Everything, raw files to predictor bundle.",
@@ -26,7 +26,7 @@ JOBS = {
 def build_jobs(profile: Profile) -> list[dg.UnresolvedAssetJobDefinition]:
     # selections by group (the assets' group_name), so a new member or asset joins its job with no edit here
     inputs, pseudo = dg.AssetSelection.groups("inputs"), dg.AssetSelection.groups("pseudo_labelling")
-    stage1 = dg.AssetSelection.groups("stage1") | dg.AssetSelection.assets("stage1_ensemble")
+    stage1 = dg.AssetSelection.groups("stage1", "distillation") | dg.AssetSelection.assets("stage1_ensemble")
     stage2 = dg.AssetSelection.groups("stage2") | dg.AssetSelection.assets("final_ensemble", "predictor_bundle")
     # the raw files the pseudo-labelling assets read directly (prompts, unlabelled pool), not processed_folds
     pseudo_inputs = pseudo.upstream(depth=1) & dg.AssetSelection.all().roots()
