@@ -503,6 +503,7 @@ def run(args: argparse.Namespace, cfg, accelerator, pipes, precision: Precision 
             "num_processes": accelerator.num_processes,
             **({"precision": precision.name} if precision is not None else {}),
             **{k: v for k, v in stats.items() if k.startswith("pretrain_")},
+            **stats.get("metrics", {}),  # a family's own figures (e.g. the dpo family's calibration)
         }
         if probs_tta is not None:
             metrics["val_log_loss_tta"] = log_losses(probs_tta, y_val)["log_loss"]
