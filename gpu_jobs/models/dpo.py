@@ -34,11 +34,16 @@ formed from the set of conversations (sorted by length, then by text), so swappi
 conversations in the same batches, negates m exactly, and the calibration maps -m to [P(B), P(A), P(tie)]:
 the probabilities are permuted exactly. No TTA is needed (``tta`` answers from the same scores).
 
-**Why not trl's DPOTrainer.** trl is not among this project's pins; its current release (1.16) would install
-without touching torch, but it raises the floors of datasets (>= 4.7) and pyarrow (>= 21), and its trainer is
-a ``transformers.Trainer``: it builds its own Accelerator, data pipeline and checkpoint layout, where the
-family protocol hands ``fit`` the job's Accelerator, history file and Pipes ``report`` hook. The loss is a few
-lines on top of peft; what trl would add (reference log-prob caching, chat-template masking) is here in ~60.
+**Why not trl's DPOTrainer.** trl is not among this project's pins. Checked (Dec 2026): trl 1.16.0 installs
+with ``--no-deps`` beside our pins and imports (torch is not among its requirements, so no CUDA build is
+pulled; its floors — transformers >= 4.56.2, accelerate >= 1.10.1, datasets >= 4.7, pyarrow >= 21 — are met
+by the installed versions but are above pyproject.toml's). It is not used because its trainer is a
+``transformers.Trainer``: it builds its own Accelerator (accelerate keeps one state per process, and the job
+has already made one with its own precision), its own data pipeline, checkpoint layout and logging, where the
+family protocol hands ``fit`` the job's Accelerator, history file and Pipes ``report`` hook; and the 3-class
+calibration would still be ours. The DPO loss is a few lines on top of peft; what trl would add here
+(reference log-probs computed once, chat-template masking) is ``score_conversations`` and ``gpu_jobs.sft``'s
+``encode_conversation``.
 """
 
 from __future__ import annotations
@@ -311,7 +316,7 @@ class DPOFamily:
         t_ref = time.perf_counter()
         ref = score_conversations(model, tokenizer, side_a + side_b, t.max_length, max_chars,
                                   cfg.inference.batch_size, device, accelerator.autocast, accelerator,
-                                  policy=False)
+                                  policy=False, progress=accelerator.is_local_main_process)
         ref_a = torch.tensor([ref[k][1] for k in side_a], dtype=torch.float32)
         ref_b = torch.tensor([ref[k][1] for k in side_b], dtype=torch.float32)
         ref_s = time.perf_counter() - t_ref
@@ -333,9 +338,11 @@ class DPOFamily:
         scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps,
                                   num_training_steps=total_steps)
         model, optimizer = accelerator.prepare(model, optimizer)
-        policy = accelerator.unwrap_model(model)
+
+        from tqdm.auto import tqdm
 
         history = open(history_path, "w") if history_path is not None else None
+        bar = tqdm(total=total_steps, desc=f"dpo {cfg.name}", disable=not accelerator.is_local_main_process)
         step, seen, step_losses, micro, t0 = 0, 0, [], [], time.perf_counter()
         model.train()
         for epoch in range(t.epochs):
@@ -376,10 +383,13 @@ class DPOFamily:
                     if history is not None:
                         history.write(json.dumps(row) + "\n")
                         history.flush()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step_loss:.4f}", margin=f"{margin:.3f}")
                     if report is not None and accelerator.is_main_process:
                         report({"kind": "step", **{k_: v for k_, v in row.items() if k_ != "elapsed_s"},
                                 "examples_per_s": seen / max(time.perf_counter() - t0, 1e-9)})
         train_s = time.perf_counter() - t0
+        bar.close()
         if history is not None:
             history.close()
         model = accelerator.unwrap_model(model)
@@ -391,7 +401,7 @@ class DPOFamily:
         cal_a, cal_b = frame_conversations(calib_df)
         scores = score_conversations(model, tokenizer, cal_a + cal_b, cfg.inference.max_length,
                                      _max_chars(cfg, cfg.inference.max_length), cfg.inference.batch_size, device,
-                                     accelerator.autocast, accelerator)
+                                     accelerator.autocast, accelerator, progress=accelerator.is_local_main_process)
         m = margins_of(scores, cal_a, cal_b, d.beta)
         calibration = {**fit_calibration(m, calib_y, calib_w), "beta": d.beta,
                        "fitted_on": "calibration_slice" if calib.any() else "training_rows"}
