@@ -92,28 +92,27 @@ def test_dpo_steps_move_the_margin_toward_the_chosen_answers_and_lower_the_loss(
         "training.max_length=64", "training.batch_size=4", "training.epochs=6", "training.lr=5e-3",
         "training.warmup_steps=0", "training.scheduler=constant", "dpo.calibration_fraction=0", "dpo.beta=0.5"])
     chosen_sign = np.where(frame.winner_model_a == 1, 1.0, -1.0)
-    fresh, tokenizer = dpo.build(cfg, CPU)
-    before = margins(fresh, tokenizer, frame, cfg.dpo.beta)
-    np.testing.assert_allclose(before, 0, atol=1e-5)  # policy == reference before training (LoRA B = 0)
     steps: list[dict] = []
     try:
         model, tokenizer, stats = dpo.FAMILY.fit(cfg, frame, D.targets(frame), D.sample_weights(frame),
                                                  cpu_accelerator(), report=steps.append)
     finally:
         reset_accelerator()
+    # before the first update the policy is the reference (LoRA B = 0): margin 0, loss log 2
+    assert abs(steps[0]["reward_margin"]) < 1e-5 and stats["first_train_loss"] == pytest.approx(np.log(2), abs=1e-5)
     after = margins(model.policy, tokenizer, frame, cfg.dpo.beta)
     signed = after * chosen_sign
     assert (signed > 0).all() and signed.mean() > 0.5, after
     loss_before, loss_after = np.log(2), float(np.mean(np.log1p(np.exp(-signed))))  # -log sigma(signed margin)
     assert loss_after < 0.6 * loss_before
-    assert stats["n_steps"] == len(steps) == 6 and stats["first_train_loss"] == pytest.approx(np.log(2), abs=1e-4)
+    assert stats["n_steps"] == len(steps) == 6
     assert stats["final_train_loss"] < 0.6 * stats["first_train_loss"], stats
     assert steps[-1]["reward_margin"] > 0 and steps[-1]["reward_accuracy"] == 1.0
     assert stats["metrics"]["dpo_pairs"] == 4 and stats["metrics"]["dpo_calibration_fitted_on"] == "training_rows"
 
 
 def test_swapping_a_and_b_permutes_the_probabilities_exactly_and_survives_save_load(tmp_path):
-    cfg = load_config(CONFIG, TINY + ["inference.max_length=96", "inference.batch_size=3"])
+    cfg = load_config(CONFIG, TINY + ["inference.max_length=80", "inference.batch_size=3"])
     policy, tokenizer = dpo.build(cfg, CPU)
     torch.manual_seed(0)
     with torch.no_grad():  # a random adapter, so that the policy differs from the reference
@@ -121,9 +120,9 @@ def test_swapping_a_and_b_permutes_the_probabilities_exactly_and_survives_save_l
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     model = dpo.DPOModel(policy, {"scale": 1.3, "log_nu": -0.5, "beta": 0.1}).eval()
-    frame = rows(5, seed=2)
+    frame = rows(4, seed=2)
     probs, probs_tta = dpo.FAMILY.predict(cfg, model, tokenizer, frame, tta=True, device=CPU)
-    assert probs.shape == (5, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-12)
+    assert probs.shape == (4, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-12)
     assert np.abs(probs[:, 0] - probs[:, 1]).max() > 1e-3  # the margins are not all 0
     swapped, _ = dpo.FAMILY.predict(cfg, model, tokenizer, swap_frame(frame), device=CPU)
     np.testing.assert_array_equal(swap_probs(swapped), probs)  # exact: no TTA needed

@@ -365,10 +365,10 @@ class DPOFamily:
                     if accelerator.sync_gradients:
                         scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                won = target_t[rows].to(device) != 0.5
+                side = target_t[rows].to(device) - 0.5  # > 0: A preferred, < 0: B, 0: a tie (no side)
+                right = (h.detach() * side > 0)[side != 0].float()  # the margin points at the preferred side
                 micro.append(torch.stack([loss.detach().float(), h.detach().mean(),
-                                          ((h.detach() > 0) == (target_t[rows].to(device) > 0.5))[won].float().mean()
-                                          if won.any() else torch.tensor(float("nan"), device=device)]))
+                                          right.mean() if len(right) else torch.tensor(float("nan"), device=device)]))
                 seen += k
                 if accelerator.sync_gradients:
                     step += 1
@@ -405,8 +405,8 @@ class DPOFamily:
         m = margins_of(scores, cal_a, cal_b, d.beta)
         calibration = {**fit_calibration(m, calib_y, calib_w), "beta": d.beta,
                        "fitted_on": "calibration_slice" if calib.any() else "training_rows"}
-        decided = np.asarray(calib_y)[:, 2] < 0.5
-        agree = (m > 0) == (np.asarray(calib_y)[:, 0] > np.asarray(calib_y)[:, 1])
+        side = np.sign(np.asarray(calib_y)[:, 0] - np.asarray(calib_y)[:, 1])
+        decided, agree = side != 0, m * side > 0  # a zero margin points at neither side
         metrics = {"dpo_pairs": len(pairs), "dpo_calibration_rows": len(calib_df),
                    "dpo_calibration_fitted_on": calibration["fitted_on"],
                    "dpo_calibration_scale": calibration["scale"], "dpo_calibration_log_nu": calibration["log_nu"],
