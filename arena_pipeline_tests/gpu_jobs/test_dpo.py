@@ -85,6 +85,30 @@ def test_calibration_slice_takes_whole_prompt_groups():
     assert not dpo.calibration_split(frame, 0.0, seed=1).any()
 
 
+def test_each_side_is_a_multi_turn_chat_conversation_scored_on_its_answers_only():
+    from transformers import AutoTokenizer
+
+    from gpu_jobs.models.loading import resolve_model
+    from gpu_jobs.sft import IGNORE
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("tiny:llama3"))
+    key = (json.dumps(["Name a colour.", "And a fruit?"]), json.dumps(["Blue.", "A pear."]))
+    example = dpo.encode(tokenizer, key, max_length=256, max_chars=1000)
+    scored = tokenizer.decode([i for i, label in zip(example["input_ids"], example["labels"]) if label != IGNORE])
+    assert "Blue." in scored and "A pear." in scored and "colour" not in scored and "fruit" not in scored
+    assert "<|im_start|>user" in tokenizer.decode(example["input_ids"])  # the chat template's turns
+    cut = dpo.encode(tokenizer, (key[0], json.dumps(["Blue " * 400, "A pear."])), max_length=256, max_chars=50)
+    assert "A pear." in tokenizer.decode(cut["input_ids"])  # turns are cut to max_chars before tokenising
+
+
+def test_quantised_prediction_leaves_a_dpo_member_as_trained():
+    from gpu_jobs.quantize import plan
+
+    for device in ("cpu", "cuda"):
+        record = plan("dpo", "int8", device)
+        assert record["method"] == "none" and "adapter switched off" in record["reason"]
+
+
 # ------------------------------------------------------------------------------------------ training
 def test_dpo_steps_move_the_margin_toward_the_chosen_answers_and_lower_the_loss():
     frame = preference_rows()

@@ -278,6 +278,10 @@ class DPOFamily:
     config_class = DPOConfig
     neural = True
     kinds = frozenset({"pytorch"})
+    # gpu_jobs.quantize leaves it as trained: the reference is the same weights with the adapter switched off,
+    # so the adapter cannot be merged into a quantised copy
+    quantizable = False
+    quantizable_reason = "the reference model is the base with the LoRA adapter switched off"
 
     # -------------------------------------------------------------------------------------- fit
     def fit(self, cfg, train_df, y, w, accelerator, history_path=None, checkpointer=None, log=None, report=None,
