@@ -184,18 +184,19 @@ def sequence_logps(model, batch: dict, device):
 
 def score_conversations(model, tokenizer, keys: list[tuple[str, str]], max_length: int, max_chars: int,
                         batch_size: int, device, autocast, accelerator=None, policy: bool = True,
-                        progress: bool = False) -> dict[tuple[str, str], tuple[float, float]]:
+                        progress: bool = False, encoded: dict | None = None) -> dict[tuple[str, str], tuple[float, float]]:
     """{conversation: (log pi, log pi_ref)} for every distinct conversation in ``keys`` (log pi is NaN when
     ``policy`` is False), on every process. Batches are cut from the conversations sorted by (length, text), so
     the same set of conversations is always scored in the same batches; with several processes each one
-    scores every n-th batch and the pieces are gathered."""
+    scores every n-th batch and the pieces are gathered. ``encoded``: conversations already encoded with
+    these ``max_length`` / ``max_chars`` (the training pairs), reused."""
     import torch
 
-    from gpu_jobs import inputs as D
     from gpu_jobs.sft import collate
 
     unique = sorted(set(keys))
-    examples = [encode(tokenizer, k, max_length, max_chars) for k in unique]
+    encoded = encoded or {}
+    examples = [encoded[k] if k in encoded else encode(tokenizer, k, max_length, max_chars) for k in unique]
     order = sorted(range(len(unique)), key=lambda i: (-len(examples[i]["input_ids"]), unique[i]))
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     n_proc = accelerator.num_processes if accelerator is not None else 1
@@ -320,7 +321,7 @@ class DPOFamily:
         t_ref = time.perf_counter()
         ref = score_conversations(model, tokenizer, side_a + side_b, t.max_length, max_chars,
                                   cfg.inference.batch_size, device, accelerator.autocast, accelerator,
-                                  policy=False, progress=accelerator.is_local_main_process)
+                                  policy=False, progress=accelerator.is_local_main_process, encoded=examples)
         ref_a = torch.tensor([ref[k][1] for k in side_a], dtype=torch.float32)
         ref_b = torch.tensor([ref[k][1] for k in side_b], dtype=torch.float32)
         ref_s = time.perf_counter() - t_ref
