@@ -202,9 +202,6 @@ class DPOConfig(DecoderConfig):
         if self.text.truncation_side != "right":
             raise ConfigKeyError("text.truncation_side", "the dpo family cuts each conversation at its end (the "
                                  "chat template's turns in order); set truncation_side: right")
-        if self.training.checkpoint_every_steps is not None:
-            raise ConfigKeyError("training.checkpoint_every_steps", "the dpo family's loop does not write "
-                                 "resumable checkpoints; leave it null")
         if self.training.swap_augment:
             raise ConfigKeyError("training.swap_augment", "a swapped pair gives the dpo loss the same term "
                                  "(the margin is antisymmetric): swap_augment would only double the work")

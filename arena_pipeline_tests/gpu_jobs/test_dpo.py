@@ -135,6 +135,48 @@ def test_dpo_steps_move_the_margin_toward_the_chosen_answers_and_lower_the_loss(
     assert stats["metrics"]["dpo_pairs"] == 4 and stats["metrics"]["dpo_calibration_fitted_on"] == "training_rows"
 
 
+@pytest.mark.slow  # three fits (~25 s of CPU)
+def test_an_interrupted_fit_resumes_from_its_checkpoint_and_continues_as_if_never_stopped(tmp_path):
+    from accelerate.utils import set_seed
+
+    from gpu_jobs.train import Checkpointer
+
+    frame = preference_rows()
+    cfg = load_config(CONFIG, TINY + [
+        "training.max_length=64", "training.batch_size=1", "training.epochs=1", "training.lr=5e-3",
+        "training.warmup_steps=0", "dpo.calibration_fraction=0", "training.checkpoint_every_steps=1"])
+    y, w = D.targets(frame), D.sample_weights(frame)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_step_3(row):
+        if row["step"] == 3:  # reported before step 3's checkpoint is written: the latest is step 2
+            raise Stop
+
+    def fit(history, checkpointer_dir=None, report=None):
+        accelerator = cpu_accelerator()
+        checkpointer = Checkpointer(accelerator, checkpointer_dir, 1, "fp") if checkpointer_dir else None
+        set_seed(0)
+        try:
+            return dpo.FAMILY.fit(cfg, frame, y, w, accelerator, history, checkpointer=checkpointer, report=report)
+        finally:
+            reset_accelerator()
+
+    with pytest.raises(Stop):
+        fit(tmp_path / "history.jsonl", tmp_path / "ckpt", stop_at_step_3)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-1", "step-2"]
+    _, _, resumed = fit(tmp_path / "history.jsonl", tmp_path / "ckpt")
+    _, _, straight = fit(tmp_path / "straight.jsonl")
+    assert resumed["resumed_from_step"] == 2 and resumed["n_steps"] == straight["n_steps"] == 4
+    lines = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
+    reference = [json.loads(x) for x in (tmp_path / "straight.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    np.testing.assert_allclose([x["loss"] for x in lines], [x["loss"] for x in reference], rtol=1e-5)
+    np.testing.assert_allclose([x["lr"] for x in lines], [x["lr"] for x in reference], rtol=1e-9)
+    assert reference[-1]["loss"] < reference[0]["loss"]  # it did train
+
+
 def test_swapping_a_and_b_permutes_the_probabilities_exactly_and_survives_save_load(tmp_path):
     cfg = load_config(CONFIG, TINY + ["inference.max_length=80", "inference.batch_size=3"])
     policy, tokenizer = dpo.build(cfg, CPU)
@@ -192,7 +234,6 @@ def test_train_job_writes_oof_and_metrics_without_training_on_ties_or_the_calibr
     (["dpo.calibration_fraction=1.0"], "dpo.calibration_fraction"),
     (["lora=null"], "lora"),                                          # the reference is the adapter switched off
     (["text.truncation_side=left"], "text.truncation_side"),
-    (["training.checkpoint_every_steps=10"], "training.checkpoint_every_steps"),
     (["training.swap_augment=true"], "training.swap_augment"),
 ])
 def test_config_errors_name_the_file_and_the_key(overrides, key):

@@ -48,6 +48,7 @@ calibration would still be ours. The DPO loss is a few lines on top of peft; wha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -297,9 +298,6 @@ class DPOFamily:
         from gpu_jobs.sft import collate
         from gpu_jobs.train import make_optimizer
 
-        if checkpointer is not None:
-            raise ValueError(f"{cfg.name}: the dpo family does not write resumable checkpoints "
-                             "(training.checkpoint_every_steps must be null)")
         t, d = cfg.training, cfg.dpo
         device = accelerator.device
         model, tokenizer = build(cfg, device)
@@ -337,25 +335,40 @@ class DPOFamily:
         if per_rank == 0:
             raise ValueError(f"{cfg.name}: {len(pairs)} pairs make {len(sampler)} batches of {t.batch_size}, fewer "
                              f"than the {n_proc} processes")
-        steps_per_epoch = math.ceil(per_rank / t.grad_accum)
+        steps_per_epoch = math.ceil(per_rank / t.grad_accum)  # the last group of an epoch may be short
         total_steps = steps_per_epoch * t.epochs
         optimizer = make_optimizer(model, cfg, ())
         scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps,
                                   num_training_steps=total_steps)
         model, optimizer = accelerator.prepare(model, optimizer)
+        accelerator.register_for_checkpointing(scheduler)  # saved and restored with the checkpoints
 
         from tqdm.auto import tqdm
 
-        history = open(history_path, "w") if history_path is not None else None
-        bar = tqdm(total=total_steps, desc=f"dpo {cfg.name}", disable=not accelerator.is_local_main_process)
-        step, seen, step_losses, micro, t0 = 0, 0, [], [], time.perf_counter()
+        from gpu_jobs.train import _restore_rng, fresh_start
+
+        r = checkpointer.resume(model, history_path, log, per_rank) if checkpointer is not None else fresh_start()
+        if r["rng"] is not None:  # the batch order is seeded per epoch (numpy); the global RNGs drive dropout
+            _restore_rng(r["rng"])
+        step, seen, step_losses, prior_train_s = r["step"], r["seen"], r["losses"], r["train_s"]
+        history = open(history_path, "a" if step else "w") if history_path is not None else None
+        bar = tqdm(total=total_steps, initial=step, desc=f"dpo {cfg.name}",
+                   disable=not accelerator.is_local_main_process)
+        micro, t0 = [], time.perf_counter()
         model.train()
-        for epoch in range(t.epochs):
+        for epoch in range(r["epoch"], t.epochs):
             sampler.set_epoch(epoch)
-            for rows in sampler.batches()[rank::n_proc][:per_rank]:
+            mine = sampler.batches()[rank::n_proc][:per_rank]
+            skip = r["batch_in_epoch"] if epoch == r["epoch"] else 0  # done before the checkpoint
+            for index, rows in enumerate(mine):
+                if index < skip:
+                    continue
+                # one optimiser step per grad_accum batches (and at the end of the epoch); gradients are
+                # synchronised across processes at that batch only
+                sync = (index + 1) % t.grad_accum == 0 or index + 1 == len(mine)
                 batch = collate([examples[side_a[i]] for i in rows] + [examples[side_b[i]] for i in rows],
                                 tokenizer.pad_token_id)
-                with accelerator.accumulate(model):
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     with accelerator.autocast():
                         lp = sequence_logps(model, batch, device)
                     k = len(rows)
@@ -363,40 +376,44 @@ class DPOFamily:
                     wt = weight_t[rows].to(device)
                     loss = (F.binary_cross_entropy_with_logits(h, target_t[rows].to(device), reduction="none")
                             * wt).sum() / wt.sum().clamp_min(1e-12)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                    optimizer.step()
-                    if accelerator.sync_gradients:
-                        scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    accelerator.backward(loss)  # divided by grad_accum
                 side = target_t[rows].to(device) - 0.5  # > 0: A preferred, < 0: B, 0: a tie (no side)
                 right = (h.detach() * side > 0)[side != 0].float()  # the margin points at the preferred side
                 micro.append(torch.stack([loss.detach().float(), h.detach().mean(),
                                           right.mean() if len(right) else torch.tensor(float("nan"), device=device)]))
                 seen += k
-                if accelerator.sync_gradients:
-                    step += 1
-                    step_loss, margin, accuracy = accelerator.reduce(torch.stack(micro).nanmean(0),
-                                                                     reduction="mean").tolist()
-                    micro = []
-                    step_losses.append(step_loss)
-                    lr = scheduler.get_last_lr()[0]
-                    row = {"step": step, "epoch": epoch, "loss": step_loss, "lr": lr, "reward_margin": margin,
-                           "reward_accuracy": None if math.isnan(accuracy) else accuracy,  # None: only ties
-                           "elapsed_s": round(time.perf_counter() - t0, 4)}
-                    if history is not None:
-                        history.write(json.dumps(row) + "\n")
-                        history.flush()
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{step_loss:.4f}", margin=f"{margin:.3f}")
-                    if report is not None and accelerator.is_main_process:
-                        report({"kind": "step", **{k_: v for k_, v in row.items() if k_ != "elapsed_s"},
-                                "examples_per_s": seen / max(time.perf_counter() - t0, 1e-9)})
-        train_s = time.perf_counter() - t0
+                if not sync:
+                    continue
+                accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                step_loss, margin, accuracy = accelerator.reduce(torch.stack(micro).nanmean(0),
+                                                                 reduction="mean").tolist()
+                micro = []
+                step_losses.append(step_loss)
+                lr = scheduler.get_last_lr()[0]
+                row = {"step": step, "epoch": epoch, "loss": step_loss, "lr": lr, "reward_margin": margin,
+                       "reward_accuracy": None if math.isnan(accuracy) else accuracy,  # None: only ties
+                       "elapsed_s": round(prior_train_s + time.perf_counter() - t0, 4)}
+                if history is not None:
+                    history.write(json.dumps(row) + "\n")
+                    history.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", margin=f"{margin:.3f}")
+                if report is not None and accelerator.is_main_process:
+                    report({"kind": "step", **{k_: v for k_, v in row.items() if k_ != "elapsed_s"},
+                            "examples_per_s": seen / max(prior_train_s + time.perf_counter() - t0, 1e-9)})
+                if checkpointer is not None and step % checkpointer.every == 0:
+                    checkpointer.save(step, epoch, index + 1, seen, prior_train_s + time.perf_counter() - t0,
+                                      history_path)
+        train_s = prior_train_s + time.perf_counter() - t0
         bar.close()
         if history is not None:
             history.close()
+        if checkpointer is not None:
+            checkpointer.close()
         model = accelerator.unwrap_model(model)
         model.eval()
 
@@ -423,7 +440,7 @@ class DPOFamily:
                   f"{metrics['dpo_calibration_reward_accuracy']}")
         seen_all = int(accelerator.reduce(torch.tensor(seen, device=device), reduction="sum").item())
         stats = {"train_examples_per_s": seen_all / max(train_s, 1e-9), "train_s": train_s, "n_steps": step,
-                 "resumed_from_step": 0, "first_train_loss": step_losses[0],
+                 "resumed_from_step": r["step"], "first_train_loss": step_losses[0],
                  "final_train_loss": float(np.mean(step_losses[-max(1, len(step_losses) // 10):])),
                  "metrics": metrics}
         return DPOModel(model, calibration), tokenizer, stats
