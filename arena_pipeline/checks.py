@@ -1,9 +1,12 @@
-"""Blocking asset checks: bad folds or leaked pseudo labels stop everything downstream."""
+"""Blocking asset checks: bad folds, leaked pseudo labels or leaked distillation targets stop everything downstream."""
 
+
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 
+from arena_pipeline.assets import distillation
 from arena_pipeline.assets.pseudo_labels import leakage_report
 from arena_pipeline.profile import Profile
 from arena_pipeline.data.folds import check_groups_disjoint, check_label_balance, check_unique_ids
@@ -37,30 +40,48 @@ def _result(passed: bool, details: dict) -> dg.AssetCheckResult:
 
 @dg.asset_check(asset="processed_folds", blocking=True,
                 description="No normalised prompt sits in two folds (no prompt leaks across a split).")
-def folds_groups_disjoint(storage: ArenaStorage) -> dg.AssetCheckResult:
-    return _result(*check_groups_disjoint(pd.read_parquet(storage.data("processed_folds"))))
+def folds_groups_disjoint(processed_folds: Path) -> dg.AssetCheckResult:
+    return _result(*check_groups_disjoint(pd.read_parquet(processed_folds)))
 
 
 @dg.asset_check(asset="processed_folds", blocking=True,
                 description="Each fold's label shares are within 2 percentage points of the whole.")
-def folds_label_balance(storage: ArenaStorage) -> dg.AssetCheckResult:
-    return _result(*check_label_balance(pd.read_parquet(storage.data("processed_folds")), tolerance=0.02))
+def folds_label_balance(processed_folds: Path) -> dg.AssetCheckResult:
+    return _result(*check_label_balance(pd.read_parquet(processed_folds), tolerance=0.02))
 
 
 @dg.asset_check(asset="processed_folds", blocking=True, description="Row ids are unique.")
-def folds_unique_ids(storage: ArenaStorage) -> dg.AssetCheckResult:
-    return _result(*check_unique_ids(pd.read_parquet(storage.data("processed_folds"))))
+def folds_unique_ids(processed_folds: Path) -> dg.AssetCheckResult:
+    return _result(*check_unique_ids(pd.read_parquet(processed_folds)))
 
 
 def build_pseudo_checks(profile: Profile) -> list[dg.AssetChecksDefinition]:
     @dg.asset_check(asset="pseudo_labels", blocking=True,
                     description="Fold K's pseudo labels come only from stage-1 models that never trained on fold K, "
-                                "and no pair whose prompt is in fold K's validation rows enters fold K's training.")
-    def pseudo_labels_no_leakage(storage: ArenaStorage) -> dg.AssetCheckResult:
-        report = leakage_report(storage, profile.folds)
+                                "and no pair whose prompt is in fold K's validation rows enters fold K's training.",
+                    additional_ins={"processed_folds": dg.AssetIn("processed_folds")})
+    def pseudo_labels_no_leakage(storage: ArenaStorage, processed_folds: Path) -> dg.AssetCheckResult:
+        report = leakage_report(storage, processed_folds, profile.folds)
         return _result(report["passed"], report)
 
     return [pseudo_labels_no_leakage]
+
+
+def build_distillation_checks(profile: Profile) -> list[dg.AssetChecksDefinition]:
+    """One blocking leak check per student's targets asset: a failure stops the student's training."""
+
+    def check_for(student: str) -> dg.AssetChecksDefinition:
+        @dg.asset_check(asset=distillation.targets_asset_name(student), name="distill_targets_no_leakage",
+                        blocking=True,
+                        description="Outer fold K's targets come only from teacher jobs that trained neither on fold K "
+                                    "nor on the row's own fold (each row's provenance and each teacher job's job.json).")
+        def distill_targets_no_leakage(storage: ArenaStorage) -> dg.AssetCheckResult:
+            report = distillation.leakage_report(storage, student, profile.folds)
+            return _result(report["passed"], report)
+
+        return distill_targets_no_leakage
+
+    return [check_for(m.name) for m in profile.models if m.distill]
 
 
 FOLD_CHECKS = [folds_groups_disjoint, folds_label_balance, folds_unique_ids]

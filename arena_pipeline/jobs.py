@@ -15,28 +15,28 @@ from arena_pipeline.partitions import fold_partitions
 # name -> description; `arena-pipeline demo --job` offers exactly these names
 JOBS = {
     "data_job": "Read, clean and validate the inputs; build processed_folds.",
-    "stage1_job": "Stage-1 training jobs (one per model and fold) and the stage-1 ensemble.",
+    "stage1_job": "Stage-1 training jobs (one per model and fold; a student's nested teacher jobs too) and the stage-1 ensemble.",
     "pseudo_labels_job": "Regenerate completions and rebuild pseudo labels from the stage-1 models.",
     "stage2_job": "Stage-2 training on human + pseudo labels, final ensemble and bundle.",
     "full_pipeline_job": "Everything, raw files to predictor bundle.",
     "evaluation_job": "Leave-one-source-out evaluation and ablation table on the human-labelled sources.",
 }
-DATA_ASSETS = ["raw_labelled", "raw_external", "raw_unlabelled", "raw_prompts", "processed_folds"]
-PSEUDO_ASSETS = ["raw_unlabelled", "raw_prompts", "generated_completions", "unlabelled_pairs", "pseudo_labels"]
 
 
 def build_jobs(profile: Profile) -> list[dg.UnresolvedAssetJobDefinition]:
-    from arena_pipeline.assets.oof import STAGE1, STAGE2, oof_asset_name  # here: the CLI imports JOBS cheaply
-
-    stage1 = [oof_asset_name(STAGE1, m.name) for m in profile.models] + ["stage1_ensemble"]
-    stage2 = [oof_asset_name(STAGE2, m.name) for m in profile.stage2_models] + ["final_ensemble", "predictor_bundle"]
+    # selections by group (the assets' group_name), so a new member or asset joins its job with no edit here
+    inputs, pseudo = dg.AssetSelection.groups("inputs"), dg.AssetSelection.groups("pseudo_labelling")
+    stage1 = dg.AssetSelection.groups("stage1", "distillation") | dg.AssetSelection.assets("stage1_ensemble")
+    stage2 = dg.AssetSelection.groups("stage2") | dg.AssetSelection.assets("final_ensemble", "predictor_bundle")
+    # the raw files the pseudo-labelling assets read directly (prompts, unlabelled pool), not processed_folds
+    pseudo_inputs = pseudo.upstream(depth=1) & dg.AssetSelection.all().roots()
     parts = fold_partitions(profile)
     return [
-        dg.define_asset_job("data_job", selection=DATA_ASSETS,
+        dg.define_asset_job("data_job", selection=inputs,
                             description=JOBS["data_job"]),
         dg.define_asset_job("stage1_job", selection=stage1, partitions_def=parts,
                             description=JOBS["stage1_job"]),
-        dg.define_asset_job("pseudo_labels_job", selection=PSEUDO_ASSETS,
+        dg.define_asset_job("pseudo_labels_job", selection=pseudo | pseudo_inputs,
                             description=JOBS["pseudo_labels_job"]),
         dg.define_asset_job("stage2_job", selection=stage2, partitions_def=parts,
                             description=JOBS["stage2_job"]),

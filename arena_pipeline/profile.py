@@ -12,6 +12,9 @@ an absolute path) and its ``overrides`` as a nested mapping (``{training: {max_l
 load against that family's config class, so a typo in a member's key fails here and not after
 ``accelerate launch``. Each job then gets the member's one resolved config file (``ModelSpec.write_config``).
 
+A member's entry may make it a distillation student (``distill: {teacher: [...], alpha: 0.5}``; teachers are
+checked here, see ``arena_pipeline/assets/distillation.py``).
+
 A profile may derive from another (``base: full``) and list only what it swaps: top-level keys replace the
 base's, ``data:`` keys replace the base's one by one, ``member_swaps: {<member>: {overrides: ..., 
 accelerate_config: ...}}`` deep-merge into that member's entry. ``Profile.differences`` lists every swap (printed
@@ -59,6 +62,17 @@ def _yaml_value(value: Any) -> str:
 
 
 @dataclass(frozen=True, config=_FROZEN)
+class Distill:
+    """A student member (``distill:`` in its entry): trained on alpha * teacher + (1 - alpha) * one-hot targets,
+    the teacher being the mean of these stage-1 members' nested out-of-fold probabilities
+    (``arena_pipeline/assets/distillation.py``). ``teacher`` is resolved when the profile loads (given names, or
+    every other member that is not itself a student)."""
+
+    teacher: tuple[str, ...] = ()
+    alpha: float = Field(0.5, ge=0, le=1)
+
+
+@dataclass(frozen=True, config=_FROZEN)
 class ModelSpec:
     """One ensemble member: a job config plus the profile's overrides (a nested mapping)."""
 
@@ -68,6 +82,7 @@ class ModelSpec:
     stage2: bool = True
     # this member's own accelerate config (a file name under gpu_jobs/accelerate_configs); None: the launcher's
     accelerate_config: str | None = None
+    distill: Distill | None = None  # a student: its stage-1 jobs train on a teacher's soft targets
 
     @property
     def config_path(self) -> Path:
@@ -182,12 +197,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class DistillEntry(_Strict):
+    teacher: list[str] | None = Field(None, min_length=1)  # None: every other member that is not a student
+    alpha: float = Field(0.5, ge=0, le=1)
+
+
 class ModelEntry(_Strict):
     name: str = Field(min_length=1)
     config: str = Field(min_length=1)
     overrides: dict[str, Any] = {}
     stage2: bool = True
     accelerate_config: str | None = None
+    distill: DistillEntry | None = None
 
 
 class MemberSwap(_Strict):
@@ -281,8 +302,36 @@ def _model_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
     config = entry.config
     if not Path(config).is_absolute() and (folder / config).exists() and not (CONFIG_DIR / config).exists():
         config = str((folder / config).resolve())  # a user's own model config next to the profile
+    distill = None
+    if entry.distill is not None:
+        distill = Distill(teacher=tuple(entry.distill.teacher or ()), alpha=entry.distill.alpha)
     return ModelSpec(name=entry.name, config=config, overrides=entry.overrides, stage2=entry.stage2,
-                     accelerate_config=entry.accelerate_config)
+                     accelerate_config=entry.accelerate_config, distill=distill)
+
+
+def _resolve_teachers(models: tuple[ModelSpec, ...], source: str) -> tuple[ModelSpec, ...]:
+    """Each student's teacher list checked (members of this profile, not itself, not students) and filled in
+    where the entry left it out (every other member that is not a student)."""
+    names = [m.name for m in models]
+    students = {m.name for m in models if m.distill}
+    out = []
+    for m in models:
+        if m.distill:
+            key = f"models.{m.name}.distill.teacher"
+            teacher = m.distill.teacher or tuple(n for n in names if n not in students)
+            for t in teacher:
+                if t not in names:
+                    raise ValueError(_where(source, key) + f" unknown member {t!r} (has: {names})")
+                if t in students:
+                    raise ValueError(_where(source, key) + f" {t!r} is a student itself; a teacher must be a "
+                                     "plain member")
+            if not teacher:
+                raise ValueError(_where(source, key) + " no teacher: the profile has no member that is not a student")
+            if len(set(teacher)) != len(teacher):
+                raise ValueError(_where(source, key) + f" a member is listed twice: {list(teacher)}")
+            m = dataclasses.replace(m, distill=dataclasses.replace(m.distill, teacher=teacher))
+        out.append(m)
+    return tuple(out)
 
 
 def load_profile(name_or_path: str | Path, vllm: bool | None = None, _seen: tuple = ()) -> Profile:
@@ -349,6 +398,7 @@ def load_profile(name_or_path: str | Path, vllm: bool | None = None, _seen: tupl
     names = [m.name for m in fields["models"]]
     if len(set(names)) != len(names):
         raise ValueError(_where(source, "models") + f" member names must be unique, got {names}")
+    fields["models"] = _resolve_teachers(fields["models"], source)
     try:
         profile = Profile(**{**fields, "differences": tuple(differences), "source": source})
     except ValidationError as exc:

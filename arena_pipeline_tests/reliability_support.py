@@ -48,9 +48,13 @@ def asset_def(defs: dg.Definitions, name: str) -> dg.AssetsDefinition:
 
 
 def materialise(defs: dg.Definitions, names, instance: dg.DagsterInstance, **kwargs) -> dg.ExecuteInProcessResult:
-    """``dg.materialize`` of the named assets of ``defs`` with its resources (in process)."""
+    """``dg.materialize`` of the named assets of ``defs`` with its resources (in process); the tables they read
+    (their inputs) are given as external assets, which the IO manager hands over as paths."""
     kwargs.setdefault("raise_on_error", False)
-    return dg.materialize([asset_def(defs, n) for n in names], instance=instance, resources=defs.resources, **kwargs)
+    assets = [asset_def(defs, n) for n in names]
+    reads = {key for a in assets for key in a.keys_by_input_name.values()} - {key for a in assets for key in a.keys}
+    return dg.materialize([*assets, *(dg.AssetSpec(key) for key in sorted(reads))], instance=instance,
+                          resources=defs.resources, **kwargs)
 
 
 def materialise_inputs(defs: dg.Definitions, instance: dg.DagsterInstance) -> None:

@@ -65,12 +65,12 @@ def test_leakage_check_fails_on_leaked_input(smoke_run, tmp_path):
     val_row = processed[processed["fold"] == 0].iloc[0]
     pseudo.loc[0, "group"] = val_row["group"]
     pseudo.to_parquet(leaked.pseudo_labels(0))
-    report = leakage_report(leaked, (0,))
+    report = leakage_report(leaked, leaked.data("processed_folds"), (0,))
     assert not report["passed"] and report["folds"]["0"]["rows_with_validation_prompt"] == 1
     # rule 1: a teacher that trained on fold 0 (its job held out another fold)
     pseudo.loc[0, "group"] = "no such prompt"
     pseudo.to_parquet(leaked.pseudo_labels(0))
-    assert leakage_report(leaked, (0,))["passed"]
+    assert leakage_report(leaked, leaked.data("processed_folds"), (0,))["passed"]
     teachers = json.loads((leaked.pseudo_labels(0).with_suffix(".teachers.json")).read_text())
     job_file = leaked_home / os.path.relpath(teachers[0]["job_dir"], storage.root) / "job.json"
     teachers[0]["job_dir"] = str(job_file.parent)
@@ -78,7 +78,7 @@ def test_leakage_check_fails_on_leaked_input(smoke_run, tmp_path):
     job = json.loads(job_file.read_text())
     job["fold"] = 1
     job_file.write_text(json.dumps(job))
-    report = leakage_report(leaked, (0,))
+    report = leakage_report(leaked, leaked.data("processed_folds"), (0,))
     assert not report["passed"] and report["folds"]["0"]["teachers_trained_on_this_fold"]
 
 

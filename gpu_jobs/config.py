@@ -104,6 +104,9 @@ class TrainingConfig(Section):
     swap_augment: Bool = False  # also train on every row with A and B swapped
     max_train_rows: Int | None = Field(None, ge=1)  # seeded subsample of the training rows (smoke runs)
     checkpoint_every_steps: Int | None = Field(None, ge=1)  # resumable checkpoints in OUT.ckpt/ every N steps
+    # score the validation fold every N optimiser steps (Pipes message kind "val", metrics.json val_curve): what
+    # HPO prunes on; costs one prediction pass over the fold each time
+    eval_every_steps: Int | None = Field(None, ge=1)
 
 
 class InferenceConfig(Section):
@@ -202,6 +205,10 @@ class DPOConfig(DecoderConfig):
         if self.text.truncation_side != "right":
             raise ConfigKeyError("text.truncation_side", "the dpo family cuts each conversation at its end (the "
                                  "chat template's turns in order); set truncation_side: right")
+        if self.training.eval_every_steps is not None:
+            raise ConfigKeyError("training.eval_every_steps", "the dpo member's probabilities come from the "
+                                 "calibration fitted after training, so the validation fold cannot be scored "
+                                 "mid-run; leave it null (training.checkpoint_every_steps and --stop-file work)")
         if self.training.swap_augment:
             raise ConfigKeyError("training.swap_augment", "a swapped pair gives the dpo loss the same term "
                                  "(the margin is antisymmetric): swap_augment would only double the work")

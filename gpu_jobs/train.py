@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also predict this parquet into pred_NAME.parquet (repeatable)")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="config overrides, e.g. --set training.lr=2e-4 tta=false (YAML values; repeatable)")
+    p.add_argument("--stop-file", type=Path, default=None, metavar="PATH",
+                   help="stop training after the step in which PATH appears, then predict and publish as usual "
+                        "(neural families; HPO pruning writes it)")
     return p.parse_args(argv)
 
 
@@ -313,11 +316,17 @@ class Checkpointer:
 
 # ------------------------------------------------------------------------------------------ training
 def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accelerator, history_path: Path | None,
-               checkpointer: Checkpointer | None = None, log=None, report=None, held_out: pd.DataFrame | None = None):
+               checkpointer: Checkpointer | None = None, log=None, report=None, held_out: pd.DataFrame | None = None,
+               stop_file: Path | None = None):
     """The training loop. Returns (unwrapped model, tokenizer, stats).
 
     ``report`` (the main process's Pipes ``report_custom_message``) gets ``{"kind": "step", "step", "epoch",
     "loss", "lr", "examples_per_s"}`` after every optimiser step, so the orchestrator can chart the run live.
+    With ``training.eval_every_steps`` N, the main process also scores ``held_out`` every N steps and reports
+    ``{"kind": "val", "step", "val_log_loss"}`` (``stats["val_curve"]``). Once ``stop_file`` exists (HPO
+    pruning: the orchestrator writes it), every process stops after the current step (accelerate's trigger,
+    so all ranks stop at the same one); the job then predicts and publishes as usual
+    (``stats["stopped_early_at_step"]``).
 
     With a ``checkpointer`` the loop first resumes from the job's latest complete checkpoint, if any
     (batches already done in that epoch are skipped: the order is seeded), and saves one every
@@ -362,6 +371,9 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
     progress = tqdm(total=math.ceil(len(loader) / t.grad_accum) * t.epochs, initial=step, desc=f"train {cfg.name}",
                     disable=not accelerator.is_local_main_process)
     micro_losses = []
+    y_held_out = D.labels(held_out, "the validation fold") if t.eval_every_steps and held_out is not None else None
+    val_curve: list[dict] = []
+    stopped_at = None
     model.train()
     t0 = time.perf_counter()
     for epoch in range(start_epoch, t.epochs):
@@ -406,6 +418,18 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
                 if checkpointer is not None and step % checkpointer.every == 0:
                     checkpointer.save(step, epoch, batch_idx + 1, seen,
                                       prior_train_s + time.perf_counter() - t0, history_path)
+                if y_held_out is not None and step % t.eval_every_steps == 0:
+                    val_curve.append(_score_held_out(cfg, family, accelerator, model, tokenizer, held_out,
+                                                     y_held_out, step))
+                    if report is not None and accelerator.is_main_process:
+                        report({"kind": "val", **val_curve[-1]})
+                if stop_requested(accelerator, stop_file):
+                    stopped_at = step
+                    break
+        if stopped_at is not None:
+            if log is not None:
+                log.info(f"{cfg.name}: stopped at step {step} ({stop_file} appeared)")
+            break
     train_s = time.perf_counter() - t0
     progress.close()
     if history is not None:
@@ -422,10 +446,38 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
         # mean of the last 10 % of steps (at least 1): one step is too noisy to compare runs by
         "final_train_loss": float(np.mean(step_losses[-max(1, len(step_losses) // 10):])) if step_losses else None,
         **pre_stats,
+        **({"val_curve": val_curve} if val_curve else {}),
+        **({"stopped_early_at_step": stopped_at} if stopped_at is not None else {}),
     }
     model = accelerator.unwrap_model(model)
     model.eval()
     return model, tokenizer, stats
+
+
+def stop_requested(accelerator, stop_file: Path | None) -> bool:
+    """True on every process once ``stop_file`` exists (HPO pruning): the main process looks, accelerate's trigger
+    makes all ranks stop after the same step."""
+    if stop_file is None:
+        return False
+    if accelerator.is_main_process and Path(stop_file).exists():
+        accelerator.set_trigger()
+    return accelerator.check_trigger()
+
+
+def _score_held_out(cfg, family, accelerator, model, tokenizer, held_out: pd.DataFrame, y: np.ndarray,
+                    step: int) -> dict:
+    """The validation fold's log loss at this step, scored by the main process (the others wait), no TTA."""
+    value = None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        plain = accelerator.unwrap_model(model)
+        plain.eval()
+        with torch.no_grad():
+            probs, _ = family.predict(cfg, plain, tokenizer, held_out, tta=False, device=accelerator.device)
+        plain.train()
+        value = float(log_loss(y, probs))
+    accelerator.wait_for_everyone()
+    return {"step": step, "val_log_loss": value}
 
 
 # ------------------------------------------------------------------------------------------ the job
@@ -474,7 +526,8 @@ def run(args: argparse.Namespace, cfg, accelerator, pipes, precision: Precision 
         model, tokenizer, stats = family.fit(cfg, train_df, y, w, accelerator,
                                              partial / "history.jsonl" if main_proc else None,
                                              checkpointer=checkpointer, log=pipes.log,
-                                             report=pipes.report_custom_message, held_out=val_df)
+                                             report=pipes.report_custom_message, held_out=val_df,
+                                             **({"stop_file": args.stop_file} if family.neural else {}))
 
     if main_proc:  # save the model before predicting: a crash in prediction should not lose it
         family.save(model, tokenizer, partial / "model")
@@ -516,6 +569,7 @@ def run(args: argparse.Namespace, cfg, accelerator, pipes, precision: Precision 
             "num_processes": accelerator.num_processes,
             **({"precision": precision.name} if precision is not None else {}),
             **{k: v for k, v in stats.items() if k.startswith("pretrain_")},
+            **{k: stats[k] for k in ("val_curve", "stopped_early_at_step") if k in stats},
             **stats.get("metrics", {}),  # a family's own figures (e.g. the dpo family's calibration)
         }
         if probs_tta is not None:

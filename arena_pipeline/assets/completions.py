@@ -7,6 +7,7 @@ answer at a random, seeded A/B position and appends the shipped/incoming pool.
 
 
 import json
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -15,7 +16,7 @@ import yaml
 
 from arena_pipeline.profile import Profile
 from arena_pipeline.data.clean import clean_frame
-from arena_pipeline.resources.launcher import JobLauncher, vllm_available
+from arena_pipeline.resources.launching import Launcher
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_parquet, file_version
 from arena_pipeline.resources.tracking import MlflowTracking
 from gpu_jobs.contract.atomic import atomic_write_text
@@ -59,15 +60,15 @@ def build_completion_assets(profile: Profile) -> list[dg.AssetsDefinition]:
         seed: int = profile.seed
         generator: str = "stock"  # stock: `model` as it is; sft: generator_sft's merged weights (tuned `model`)
 
-    @dg.asset(group_name=GROUP, deps=["raw_prompts", "generator_sft"], pool="gpu", kinds={"vllm"},
+    @dg.asset(group_name=GROUP, deps=["generator_sft"], pool="gpu", kinds={"vllm"},
               description="New answers to the prompts (temperature 0.7, top_p 0.9, multi-turn regenerated turn by "
                           "turn), by `gpu_jobs.generate` in its own environment; stock or SFT-tuned generator.")
     def generated_completions(context: dg.AssetExecutionContext, config: GenerateConfig, storage: ArenaStorage,
-                              launcher: JobLauncher, mlflow: MlflowTracking):
+                              launcher: Launcher, mlflow: MlflowTracking, raw_prompts: Path):
         backend = config.backend
         if backend == "auto":
-            backend = "vllm" if vllm_available(launcher) else "transformers"
-        if backend == "vllm" and not vllm_available(launcher):
+            backend = "vllm" if launcher.has_environment("generation") else "transformers"
+        if backend == "vllm" and not launcher.has_environment("generation"):
             raise dg.Failure("backend 'vllm' asked for, but no generation environment exists: run "
                              "`make vllm-env` (scripts/setup_vllm_env.sh) or use backend 'transformers'")
         out = storage.data("generated_completions")
@@ -82,7 +83,7 @@ def build_completion_assets(profile: Profile) -> list[dg.AssetsDefinition]:
             lineage = {"generator_source": "sft", "tuned_from": sft["base_model"], "tuned_weights": str(tuned),
                        "sft_train_loss_after": sft["train_loss_after"]}
         # the job's one config file (gpu_jobs.generate.GenerateConfig), validated here before the launch
-        job_config = GenerateJobConfig(backend=backend, model=model, prompts=str(storage.data("raw_prompts")),
+        job_config = GenerateJobConfig(backend=backend, model=model, prompts=str(raw_prompts),
                                        output=str(out), max_new_tokens=config.max_new_tokens,
                                        temperature=config.temperature, top_p=config.top_p, seed=config.seed)
         config_path = atomic_write_text(yaml.safe_dump(job_config.model_dump(exclude_none=True), sort_keys=False),
@@ -105,12 +106,12 @@ def build_completion_assets(profile: Profile) -> list[dg.AssetsDefinition]:
             data_version=dg.DataVersion(file_version(out)),
         )
 
-    @dg.asset(group_name=GROUP, deps=["raw_unlabelled", "generated_completions", "raw_prompts"], kinds={"parquet"},
+    @dg.asset(group_name=GROUP, kinds={"parquet"},
               description="The unlabelled pool: shipped/incoming pairs + generated answers paired with existing ones.")
-    def unlabelled_pairs(context: dg.AssetExecutionContext, storage: ArenaStorage):
-        pool = pd.read_parquet(storage.data("raw_unlabelled")).assign(generator="")
-        generated = pair_completions(pd.read_parquet(storage.data("generated_completions")),
-                                     pd.read_parquet(storage.data("raw_prompts")), profile.seed)
+    def unlabelled_pairs(context: dg.AssetExecutionContext, storage: ArenaStorage, raw_unlabelled: Path,
+                         generated_completions: Path, raw_prompts: Path):
+        pool = pd.read_parquet(raw_unlabelled).assign(generator="")
+        generated = pair_completions(pd.read_parquet(generated_completions), pd.read_parquet(raw_prompts), profile.seed)
         generated, report = clean_frame(generated, file="generated_completions", labelled=False, source="generated")
         frame = pd.concat([pool, generated], ignore_index=True)
         before = len(frame)

@@ -61,12 +61,12 @@ def collect_members(storage: ArenaStorage, profile: Profile, stages: tuple[str, 
     return members
 
 
-def fit_ensemble(storage: ArenaStorage, profile: Profile, stages: tuple[str, ...], name: str,
+def fit_ensemble(storage: ArenaStorage, processed_folds: Path, profile: Profile, stages: tuple[str, ...], name: str,
                  method: str) -> tuple[dict, dict[str, Path]]:
     """Fit weights + temperature on the OOF rows all members share; write the spec and blended OOF."""
     members = collect_members(storage, profile, stages)
     ids = sorted(set.intersection(*(set(frame.index) for frame in members.values())))
-    processed = pd.read_parquet(storage.data("processed_folds")).set_index("id")
+    processed = pd.read_parquet(processed_folds).set_index("id")
     y = label_index(processed.loc[ids].reset_index())
     probs = {m.name: frame.loc[ids].to_numpy() for m, frame in members.items()}
     weights = ens.fit_weights(probs, y, method=method, seed=profile.seed)
@@ -150,8 +150,8 @@ def build_ensemble_assets(profile: Profile) -> list[dg.AssetsDefinition]:
     @dg.asset(group_name="ensembles", deps=stage1_deps, kinds={"scipy"},
               description="Stage-1 blend: member weights + temperature fitted on out-of-fold predictions.")
     def stage1_ensemble(context: dg.AssetExecutionContext, config: EnsembleConfig, storage: ArenaStorage,
-                        mlflow: MlflowTracking):
-        summary, pngs = fit_ensemble(storage, profile, (STAGE1,), "stage1_ensemble", config.method)
+                        mlflow: MlflowTracking, processed_folds: Path):
+        summary, pngs = fit_ensemble(storage, processed_folds, profile, (STAGE1,), "stage1_ensemble", config.method)
         context.log.info(f"stage1 blend: cv {summary['fitted_blend_log_loss_cv']:.4f}, weights {summary['weights']}")
         return dg.MaterializeResult(metadata=log_ensemble(context, mlflow, "stage1_ensemble", summary, pngs,
                                                           storage.ensemble("stage1_ensemble")))
@@ -159,8 +159,8 @@ def build_ensemble_assets(profile: Profile) -> list[dg.AssetsDefinition]:
     @dg.asset(group_name="ensembles", deps=stage1_deps + stage2_deps, kinds={"scipy"},
               description="Final blend over stage-1 and stage-2 members (OOF on the same human-labelled rows).")
     def final_ensemble(context: dg.AssetExecutionContext, config: EnsembleConfig, storage: ArenaStorage,
-                       mlflow: MlflowTracking):
-        summary, pngs = fit_ensemble(storage, profile, (STAGE1, STAGE2), "final_ensemble", config.method)
+                       mlflow: MlflowTracking, processed_folds: Path):
+        summary, pngs = fit_ensemble(storage, processed_folds, profile, (STAGE1, STAGE2), "final_ensemble", config.method)
         context.log.info(f"final blend: cv {summary['fitted_blend_log_loss_cv']:.4f}, weights {summary['weights']}")
         return dg.MaterializeResult(metadata=log_ensemble(context, mlflow, "final_ensemble", summary, pngs,
                                                           storage.ensemble("final_ensemble")))

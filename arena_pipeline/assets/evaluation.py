@@ -27,7 +27,7 @@ from arena_pipeline.assets.ensembles import Member
 from arena_pipeline.assets.oof import job_args
 from arena_pipeline.profile import Profile
 from arena_pipeline.data.folds import label_index
-from arena_pipeline.resources.launcher import JobLauncher
+from arena_pipeline.resources.launching import Launcher
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_json, atomic_write_parquet
 from arena_pipeline.resources.tracking import MlflowTracking
 from gpu_jobs.contract.schema import PROB_COLUMNS
@@ -61,7 +61,7 @@ def swapped_members(members: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """
     out = {}
     for name in members:
-        twin = name[: -len("+tta")] if name.endswith("+tta") else f"{name}+tta"
+        twin = base_member(name) if name.endswith("+tta") else f"{name}+tta"
         out[name] = members[twin] if twin in members else members[name]
     return out
 
@@ -78,9 +78,28 @@ def ablation_rows(y: np.ndarray, members: dict[str, np.ndarray], weights: dict[s
     used = {n: w for n, w in weights.items() if n in members}
     fitted = ens.blend(members, used)
     rows.append(_row("fitted blend (stage-1 weights)", y, fitted))
+    rows += leave_one_member_out_rows(y, members, used)
     tempered = ens.apply_temperature(fitted, temperature)
     rows.append(_row("+ temperature", y, tempered))
     rows.append(_row("+ tie prior (fitted on stage-1 OOF)", y, ens.apply_tie_bias(tempered, tie_bias)))
+    return rows
+
+
+def base_member(name: str) -> str:
+    """A member's model without its TTA twin mark (``stage1/x+tta`` -> ``stage1/x``)."""
+    return name[: -len("+tta")] if name.endswith("+tta") else name
+
+
+def leave_one_member_out_rows(y: np.ndarray, members: dict[str, np.ndarray], weights: dict[str, float]) -> list[dict]:
+    """The fitted blend without each model (its TTA twin too), the other weights renormalised (all zero: the
+    uniform blend of the rest), so the table shows the blend with and without every member."""
+    rows = []
+    for model in sorted({base_member(n) for n in members}):
+        rest = {n: p for n, p in members.items() if base_member(n) != model}
+        if not rest:
+            continue
+        rest_weights = {n: w for n, w in weights.items() if n in rest and w > 0} or {n: 1.0 for n in rest}
+        rows.append(_row(f"fitted blend without {model}", y, ens.blend(rest, rest_weights)))
     return rows
 
 
@@ -238,11 +257,11 @@ def build_evaluation_asset(profile: Profile) -> dg.AssetsDefinition:
     class LosoConfig(dg.Config):
         sources: list[str] = ["pandalm_testset_v1", "llmbar"]
 
-    @dg.asset(group_name="evaluation", deps=["processed_folds", "stage1_ensemble"], pool="gpu", kinds={"pytorch"},
+    @dg.asset(group_name="evaluation", deps=["stage1_ensemble"], pool="gpu", kinds={"pytorch"},
               description="Leave-one-source-out evaluation of the stage-1 recipe on human-labelled sources.")
     def loso_evaluation(context: dg.AssetExecutionContext, config: LosoConfig, storage: ArenaStorage,
-                        launcher: JobLauncher, mlflow: MlflowTracking):
-        processed = pd.read_parquet(storage.data("processed_folds"))
+                        launcher: Launcher, mlflow: MlflowTracking, processed_folds: Path):
+        processed = pd.read_parquet(processed_folds)
         held_out: dict[str, dict] = {}
         for source in config.sources:
             frame = loso_split(processed, source)

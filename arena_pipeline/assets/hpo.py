@@ -9,8 +9,13 @@ so a second materialisation resumes it and adds ``n_trials`` more. The best tria
 its run config says ``use_hpo: true`` (see ``oof.py``), and then records it in its metadata, its MLflow params
 and the job's resolved config.
 
-No pruning: `gpu_jobs.train` reports only the per-step training loss through Pipes, no intermediate
-validation loss, so there is nothing fair to prune on; every trial runs to its end.
+Pruning (``eval_every_steps`` > 0 in the asset's run config): every trial scores its validation fold every N
+optimiser steps (``training.eval_every_steps``; a Pipes message per score, charted live in MLflow as
+``val_log_loss_at_step``); each score goes to ``trial.report`` and when optuna's ``MedianPruner`` says prune
+(the score is worse than the median of earlier trials at that step, once ``prune_startup_trials`` trials have
+completed), the asset writes the trial's stop file (``gpu_jobs.train --stop-file``), the job stops after its
+current step, and the trial is told PRUNED. The intermediate scoring is a trial setting only: it is not part of
+the best overrides an OOF asset takes.
 """
 
 import json
@@ -21,7 +26,7 @@ import dagster as dg
 
 from arena_pipeline.assets.oof import job_args, read_history, resolved_config
 from arena_pipeline.profile import ModelSpec, Profile
-from arena_pipeline.resources.launcher import JobLauncher
+from arena_pipeline.resources.launching import Launcher
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_json
 from arena_pipeline.resources.tracking import MlflowTracking
 
@@ -72,22 +77,27 @@ def build_hpo_asset(spec: ModelSpec, profile: Profile) -> dg.AssetsDefinition:
         n_trials: int = 3  # trials added by this materialisation (the study keeps the earlier ones)
         fold: int = profile.folds[0]  # the validation fold every trial trains against
         seed: int = profile.seed  # sampler seed (offset by the trials already in the study)
+        eval_every_steps: int = 0  # score the validation fold every N steps and prune on it (0: no pruning)
+        prune_startup_trials: int = 2  # completed trials before the median pruner may stop one
 
-    @dg.asset(name=name, group_name=HPO_STAGE, deps=["processed_folds"], pool="gpu", kinds={"optuna", "mlflow"},
+    @dg.asset(name=name, group_name=HPO_STAGE, pool="gpu", kinds={"optuna", "mlflow"},
               tags={"model": spec.name},
               description=f"optuna study of '{spec.name}' ({spec.config}): each trial a `gpu_jobs.train` job on one "
                           "fold and an MLflow child run; stored in the instance's sqlite so it resumes; best config "
                           "in metadata and hpo/<model>/best.json (opt-in for the OOF asset: use_hpo).")
-    def _hpo(context: dg.AssetExecutionContext, config: HpoConfig, storage: ArenaStorage, launcher: JobLauncher,
-             mlflow: MlflowTracking) -> dg.MaterializeResult:
+    def _hpo(context: dg.AssetExecutionContext, config: HpoConfig, storage: ArenaStorage, launcher: Launcher,
+             mlflow: MlflowTracking, processed_folds: Path) -> dg.MaterializeResult:
         import optuna
 
         study_name = f"{profile.name}/{spec.name}/fold{config.fold}"
         study = optuna.create_study(study_name=study_name, storage=study_storage_url(storage), direction="minimize",
                                     load_if_exists=True,
                                     sampler=optuna.samplers.TPESampler(seed=config.seed + len(study_trials(
-                                        study_name, storage))))
-        data = storage.data("processed_folds")
+                                        study_name, storage))),
+                                    pruner=optuna.pruners.MedianPruner(n_startup_trials=config.prune_startup_trials,
+                                                                       n_warmup_steps=0))
+        scoring = [f"training.eval_every_steps={config.eval_every_steps}"] if config.eval_every_steps > 0 else []
+        data = processed_folds
         before = len(study.trials)
         for _ in range(config.n_trials):
             trial = study.ask()
@@ -96,16 +106,20 @@ def build_hpo_asset(spec: ModelSpec, profile: Profile) -> dg.AssetsDefinition:
             trial.set_user_attr("overrides", overrides)
             out = storage.root / "hpo" / spec.name / f"trial{trial.number}"
             shutil.rmtree(out, ignore_errors=True)
+            stop_file = out.with_name(out.name + ".stop")
+            stop_file.unlink(missing_ok=True)
             try:
                 with mlflow.job_run(context, stage=HPO_STAGE, model=spec.name, fold=config.fold, kind="hpo_trial",
                                     params={"config_file": str(spec.config_path), "overrides": spec.override_items(),
                                             "trial_overrides": overrides},
                                     tags={"optuna_study": study_name, "optuna_trial": str(trial.number)}) as run:
+                    on_message = pruning_relay(context, trial, run.on_message, stop_file) if scoring else run.on_message
                     result = launcher.run(context, "gpu_jobs.train",
-                                          job_args(spec, config.fold, data, out, extra=overrides),
+                                          [*job_args(spec, config.fold, data, out, extra=overrides + scoring),
+                                           "--stop-file", str(stop_file)],
                                           extras={"stage": HPO_STAGE, "model": spec.name, "fold": config.fold,
                                                   "trial": trial.number},
-                                          on_message=run.on_message, **spec.launch_options)
+                                          on_message=on_message, **spec.launch_options)
                     metrics = json.loads((out / "metrics.json").read_text())
                     resolved = resolved_config(out)
                     run.log_result({**metrics, "wall_s_with_launch": result.wall_s}, params=resolved,
@@ -115,8 +129,15 @@ def build_hpo_asset(spec: ModelSpec, profile: Profile) -> dg.AssetsDefinition:
                 raise
             trial.set_user_attr("mlflow_run_id", run.run_id)
             trial.set_user_attr("resolved_config", resolved)
-            study.tell(trial, float(metrics["val_log_loss"]))
             shutil.rmtree(out / "model", ignore_errors=True)  # the weights of a trial are not kept; its record is
+            if stop_file.exists():  # pruned: the job stopped early on the asset's word
+                trial.set_user_attr("stopped_early_at_step", metrics.get("stopped_early_at_step"))
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                run.client.set_tag(run.run_id, "optuna_pruned", "true")
+                context.log.info(f"{name} trial {trial.number}: pruned at step {metrics.get('stopped_early_at_step')} "
+                                 f"({result.wall_s:.0f}s) {overrides}")
+                continue
+            study.tell(trial, float(metrics["val_log_loss"]))
             context.log.info(f"{name} trial {trial.number}: val_log_loss {metrics['val_log_loss']:.4f} "
                              f"({result.wall_s:.0f}s) {overrides}")
         best = study.best_trial
@@ -129,8 +150,10 @@ def build_hpo_asset(spec: ModelSpec, profile: Profile) -> dg.AssetsDefinition:
                        "dagster_run_id": context.run_id}
         path = atomic_write_json(best_record, best_config_path(storage, spec.name))
         first = finished[0].value if finished else None
+        pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
         return dg.MaterializeResult(metadata={
             "study": study_name, "n_trials": len(finished), "n_trials_added": len(study.trials) - before,
+            "n_trials_pruned": len(pruned),
             "best_trial": best.number, "best_val_log_loss": float(best.value),
             "first_trial_val_log_loss": float(first) if first is not None else None,
             "best_params": dg.MetadataValue.json(best.params),
@@ -140,6 +163,24 @@ def build_hpo_asset(spec: ModelSpec, profile: Profile) -> dg.AssetsDefinition:
         })
 
     return _hpo
+
+
+def pruning_relay(context, trial, on_message, stop_file: Path):
+    """A job's Pipes messages to MLflow (``on_message``) and its validation scores to ``trial.report``; when the
+    study's pruner says prune, the job's stop file is written (the job stops after its current step)."""
+
+    def relay(payload) -> None:
+        on_message(payload)
+        if not (isinstance(payload, dict) and payload.get("kind") == "val" and payload.get("val_log_loss") is not None):
+            return
+        trial.report(float(payload["val_log_loss"]), int(payload["step"]))
+        if not stop_file.exists() and trial.should_prune():
+            stop_file.parent.mkdir(parents=True, exist_ok=True)
+            stop_file.touch()
+            context.log.info(f"trial {trial.number}: pruned at step {payload['step']} "
+                             f"(val_log_loss {payload['val_log_loss']:.4f})")
+
+    return relay
 
 
 def study_trials(study_name: str, storage: ArenaStorage) -> list:

@@ -8,6 +8,7 @@ from the UI (pick a partition) or the CLI (``--tags '{"dagster/partition": "0"}'
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -19,7 +20,7 @@ from arena_pipeline import plots
 from arena_pipeline.profile import ModelSpec, Profile
 from arena_pipeline.data.folds import label_index
 from arena_pipeline.partitions import fold_partitions, run_folds
-from arena_pipeline.resources.launcher import JobLauncher
+from arena_pipeline.resources.launching import Launcher
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_json, atomic_write_parquet, file_version
 from gpu_jobs.contract.schema import LABEL_COLUMNS, PROB_COLUMNS, TARGET_COLUMNS, WEIGHT_COLUMN
 from arena_pipeline.resources.tracking import MlflowTracking
@@ -57,9 +58,9 @@ def resolved_config(out: Path) -> dict:
     return yaml.safe_load(path.read_text()) if path.exists() else {}
 
 
-def stage2_training_data(storage: ArenaStorage, fold: int, pseudo_weight: float) -> Path:
+def stage2_training_data(storage: ArenaStorage, processed_folds: Path, fold: int, pseudo_weight: float) -> Path:
     """Human rows (one-hot targets) + fold K's pseudo-labelled rows (soft targets, train only)."""
-    human = pd.read_parquet(storage.data("processed_folds"))
+    human = pd.read_parquet(processed_folds)
     y = label_index(human)
     targets = np.eye(3)[y]
     human = human.assign(target_a=targets[:, 0], target_b=targets[:, 1], target_tie=targets[:, 2], sample_weight=1.0)
@@ -71,6 +72,30 @@ def stage2_training_data(storage: ArenaStorage, fold: int, pseudo_weight: float)
     for column in LABEL_COLUMNS:
         combined[column] = combined[column].fillna(-1).astype("int8")  # -1: no human label (pseudo rows)
     return atomic_write_parquet(combined, storage.scratch("stage2") / f"train_fold{fold}.parquet")
+
+
+@contextmanager
+def launched_training(context: dg.AssetExecutionContext, launcher: Launcher, mlflow: MlflowTracking, stage: str,
+                      spec: ModelSpec, fold: int, data: Path, out: Path, extra=(), *, params: dict | None = None,
+                      tags: dict | None = None, record: dict | None = None):
+    """One ``gpu_jobs.train`` launch of ``spec`` holding out ``fold`` of ``data`` into ``out``, inside its MLflow
+    job run; yields ``(run, result, metrics)`` with ``out/job.json`` written (stage, model, held-out fold, data and
+    its version, Dagster and MLflow run ids, plus ``record``). The caller logs the run's results."""
+    shutil.rmtree(out, ignore_errors=True)  # a stale result must never pass for this run's
+    data_version = file_version(Path(data))
+    with mlflow.job_run(context, stage=stage, model=spec.name, fold=fold,
+                        params={"config_file": str(spec.config_path), "overrides": spec.override_items(),
+                                **(params or {})},
+                        tags={"data_version": data_version, **(tags or {})}) as run:
+        result = launcher.run(context, "gpu_jobs.train", job_args(spec, fold, data, out, extra),
+                              extras={"stage": stage, "model": spec.name, "fold": fold},
+                              on_message=run.on_message, **spec.launch_options)
+        metrics = json.loads((out / "metrics.json").read_text())
+        atomic_write_json({"stage": stage, "model": spec.name, "fold": fold, "data": str(data),
+                           "data_version": data_version, "dagster_run_id": context.run_id,
+                           "mlflow_run_id": run.run_id, "wall_s_with_launch": result.wall_s, **(record or {})},
+                          out / "job.json")
+        yield run, result, metrics
 
 
 def fold_plots(out: Path, processed: pd.DataFrame, title: str) -> dict[str, Path]:
@@ -87,7 +112,12 @@ def fold_plots(out: Path, processed: pd.DataFrame, title: str) -> dict[str, Path
 
 def build_oof_asset(stage: str, spec: ModelSpec, profile: Profile) -> dg.AssetsDefinition:
     name = oof_asset_name(stage, spec.name)
-    deps = ["processed_folds"] if stage == STAGE1 else ["processed_folds", "pseudo_labels"]
+    deps = [] if stage == STAGE1 else ["pseudo_labels"]  # processed_folds: an input (the IO manager's path)
+    student = stage == STAGE1 and spec.distill is not None
+    if student:  # trains on its teacher's soft targets (assets/distillation.py)
+        from arena_pipeline.assets.distillation import student_training_data, targets_asset_name
+
+        deps.append(targets_asset_name(spec.name))
 
     class OofConfig(dg.Config):
         use_hpo: bool = False  # opt-in: train with the best trial of hpo_<model> (hpo/<model>/best.json)
@@ -101,44 +131,35 @@ def build_oof_asset(stage: str, spec: ModelSpec, profile: Profile) -> dg.AssetsD
         pool="gpu",
         kinds={*spec.family.kinds, "mlflow"},
         description=f"{stage} out-of-fold predictions of '{spec.name}' ({spec.config}); one partition per fold. "
-                    "Each fold trains in its own `accelerate launch -m gpu_jobs.train` process.",
+                    "Each fold trains in its own `accelerate launch -m gpu_jobs.train` process."
+                    + (f" A student of {list(spec.distill.teacher)}: trains on the soft targets of "
+                       f"{targets_asset_name(spec.name)}." if student else ""),
         tags={"stage": stage, "model": spec.name},
     )
-    def _oof(context: dg.AssetExecutionContext, config: OofConfig, storage: ArenaStorage, launcher: JobLauncher,
-             mlflow: MlflowTracking) -> dg.MaterializeResult:
+    def _oof(context: dg.AssetExecutionContext, config: OofConfig, storage: ArenaStorage, launcher: Launcher,
+             mlflow: MlflowTracking, processed_folds: Path) -> dg.MaterializeResult:
         hpo_extra, hpo = [], None
         if config.use_hpo:
             from arena_pipeline.assets.hpo import hpo_overrides
 
             hpo_extra, hpo = hpo_overrides(storage, spec.name)
             context.log.info(f"{name}: best trial {hpo['trial']} of study {hpo['study']}: {hpo_extra}")
-        processed_path = storage.data("processed_folds")
-        processed = pd.read_parquet(processed_path)
+        processed = pd.read_parquet(processed_folds)
         per_fold: dict[str, dict] = {}
         images: dict[str, dg.MetadataValue] = {}
         links: dict[str, str] = {}
         for fold in run_folds(context):
-            if stage == STAGE1:
-                data = processed_path
+            if student:
+                data = student_training_data(storage, processed_folds, spec.name, fold)
+            elif stage == STAGE1:
+                data = processed_folds
             else:
-                data = stage2_training_data(storage, fold, profile.pseudo_weight)
+                data = stage2_training_data(storage, processed_folds, fold, profile.pseudo_weight)
             out = storage.job_dir(stage, spec.name, fold)
-            shutil.rmtree(out, ignore_errors=True)  # a stale result must never pass for this run's
-            data_version = file_version(Path(data))
-            with mlflow.job_run(context, stage=stage, model=spec.name, fold=fold,
-                                params={"config_file": str(spec.config_path), "overrides": spec.override_items(),
-                                        "hpo_overrides": hpo_extra},
-                                tags={"data_version": data_version,
-                                      **({"hpo_study": hpo["study"], "hpo_trial": str(hpo["trial"])} if hpo else {})}
-                                ) as run:
-                result = launcher.run(context, "gpu_jobs.train", job_args(spec, fold, data, out, hpo_extra),
-                                      extras={"stage": stage, "model": spec.name, "fold": fold},
-                                      on_message=run.on_message, **spec.launch_options)
-                metrics = json.loads((out / "metrics.json").read_text())
-                atomic_write_json({"stage": stage, "model": spec.name, "fold": fold, "data": str(data),
-                                   "data_version": data_version, "dagster_run_id": context.run_id,
-                                   "mlflow_run_id": run.run_id, "wall_s_with_launch": result.wall_s},
-                                  out / "job.json")
+            with launched_training(context, launcher, mlflow, stage, spec, fold, data, out, hpo_extra,
+                                   params={"hpo_overrides": hpo_extra},
+                                   tags={"hpo_study": hpo["study"], "hpo_trial": str(hpo["trial"])} if hpo else None
+                                   ) as (run, result, metrics):
                 pngs = fold_plots(out, processed, f"{stage}/{spec.name} fold {fold}")
                 run.log_result({**metrics, "wall_s_with_launch": result.wall_s}, params=resolved_config(out),
                                history=read_history(out),

@@ -18,7 +18,7 @@ from arena_pipeline.bundle import (Predict, adapt_tie_prior, fold_key, load_mani
 from arena_pipeline.profile import Profile
 from arena_pipeline.data.clean import clean_frame
 from arena_pipeline.data.load import read_table
-from arena_pipeline.resources.launcher import JobLauncher
+from arena_pipeline.resources.launching import Launcher
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_parquet, file_version, refuse_overwrite
 from arena_pipeline.resources.tracking import MlflowTracking
 from gpu_jobs.contract.schema import PROB_COLUMNS
@@ -27,7 +27,7 @@ from gpu_jobs.predict import default_device, quantization_path, tta_path
 PROBS = list(PROB_COLUMNS)
 
 
-def launched_predict(context: dg.AssetExecutionContext, launcher: JobLauncher, profile: Profile, bundle: Path,
+def launched_predict(context: dg.AssetExecutionContext, launcher: Launcher, profile: Profile, bundle: Path,
                      frame: pd.DataFrame, scratch: Path, quantize: str = "none",
                      records: dict | None = None) -> Predict:
     """A ``Predict`` that scores the frame with `gpu_jobs.predict` launched as a job (in the `gpu` pool, on the
@@ -64,7 +64,7 @@ def build_bundle_asset(profile: Profile) -> dg.AssetsDefinition:
               description="Self-contained predictor (models, weights, temperature, configs, data versions) that "
                           "scores new files without Dagster; writes submission.csv for a configured test file.")
     def predictor_bundle(context: dg.AssetExecutionContext, config: BundleConfig, storage: ArenaStorage,
-                         mlflow: MlflowTracking, launcher: JobLauncher):
+                         mlflow: MlflowTracking, launcher: Launcher, processed_folds: Path):
         submission = storage.bundle_dir / "submission.csv"
         # the bundle folder is replaced whole: a test file inside it would be deleted before it is read
         refuse_overwrite([("submission", submission), ("bundle folder", storage.bundle_dir)],
@@ -78,7 +78,7 @@ def build_bundle_asset(profile: Profile) -> dg.AssetsDefinition:
                 model_dirs[(stage, model, fold)] = job_dir / "model"
                 configs[f"{stage}/{model}"] = yaml.safe_load((job_dir / "model" / "config.yaml").read_text())
                 versions[f"{stage}/{model}/fold{fold}"] = json.loads((job_dir / "job.json").read_text())["data_version"]
-        versions["processed_folds"] = file_version(storage.data("processed_folds"))
+        versions["processed_folds"] = file_version(processed_folds)
         bundle = write_bundle(storage.bundle_dir, spec, model_dirs,
                               {"configs": configs, "data_versions": versions, "profile": profile.name})
         # how each member fold would be quantised on this machine, replaced below by what the scoring jobs report

@@ -1,6 +1,8 @@
 """processed_folds: the validated, de-duplicated labelled table with a fold column (grouped by prompt)."""
 
 
+from pathlib import Path
+
 import dagster as dg
 import numpy as np
 import pandas as pd
@@ -23,13 +25,13 @@ def build_folds_asset(profile: Profile) -> dg.AssetsDefinition:
         n_folds: int = profile.n_folds
         seed: int = profile.seed
 
-    @dg.asset(group_name=GROUP, deps=["raw_labelled", "raw_external"], kinds={"parquet"},
+    @dg.asset(group_name=GROUP, kinds={"parquet"},
               description="Labelled rows with StratifiedGroupKFold folds (grouped by normalised prompt); "
                           "external labelled rows are fold -1 (train only).")
     def processed_folds(context: dg.AssetExecutionContext, config: FoldsConfig, storage: ArenaStorage,
-                        mlflow: MlflowTracking):
-        labelled = pd.read_parquet(storage.data("raw_labelled"))
-        external = pd.read_parquet(storage.data("raw_external"))
+                        mlflow: MlflowTracking, raw_labelled: Path, raw_external: Path):
+        labelled = pd.read_parquet(raw_labelled)
+        external = pd.read_parquet(raw_external)
         frame, removed = build_processed(labelled, [external] if len(external) else [], n_folds=config.n_folds,
                                          seed=config.seed)
         path = atomic_write_parquet(frame, storage.data("processed_folds"))

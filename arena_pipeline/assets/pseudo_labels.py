@@ -20,7 +20,7 @@ from arena_pipeline import blending as ens
 from arena_pipeline import plots
 from arena_pipeline.assets.oof import STAGE1
 from arena_pipeline.profile import Profile
-from arena_pipeline.resources.launcher import JobLauncher
+from arena_pipeline.resources.launching import Launcher
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_json, atomic_write_parquet
 from arena_pipeline.resources.tracking import MlflowTracking
 from gpu_jobs.contract.schema import PROB_COLUMNS, TARGET_COLUMNS
@@ -40,9 +40,9 @@ def pool_for_fold(pool: pd.DataFrame, processed: pd.DataFrame, fold: int) -> pd.
     return pool[~pool["group"].isin(val_groups)].reset_index(drop=True)
 
 
-def leakage_report(storage: ArenaStorage, folds: tuple[int, ...]) -> dict:
+def leakage_report(storage: ArenaStorage, processed_folds: Path, folds: tuple[int, ...]) -> dict:
     """Both leakage rules and the soft-label sums, per fold; ``passed`` only when all hold."""
-    processed = pd.read_parquet(storage.data("processed_folds"))
+    processed = pd.read_parquet(processed_folds)
     report: dict = {"passed": True, "folds": {}}
     for fold in folds:
         pseudo = pd.read_parquet(storage.pseudo_labels(fold))
@@ -70,17 +70,17 @@ def build_pseudo_label_asset(profile: Profile) -> dg.AssetsDefinition:
     class PseudoConfig(dg.Config):
         ensemble: str = "stage1_ensemble"
 
-    @dg.asset(group_name=GROUP, deps=["stage1_ensemble", "unlabelled_pairs", "processed_folds"], pool="gpu",
+    @dg.asset(group_name=GROUP, deps=["stage1_ensemble"], pool="gpu",
               kinds={"parquet"},
               description="Soft labels (no threshold) on the unlabelled pool from the stage-1 ensemble, per fold, "
                           "leak-free by construction and by blocking check.")
     def pseudo_labels(context: dg.AssetExecutionContext, config: PseudoConfig, storage: ArenaStorage,
-                      launcher: JobLauncher, mlflow: MlflowTracking):
+                      launcher: Launcher, mlflow: MlflowTracking, processed_folds: Path, unlabelled_pairs: Path):
         spec = json.loads(storage.ensemble(config.ensemble).read_text())
         weights = {name: w for name, w in spec["weights"].items() if w > 0}
         members = [m for m in spec["members"] if m["name"] in weights]
-        processed = pd.read_parquet(storage.data("processed_folds"))
-        pool = pd.read_parquet(storage.data("unlabelled_pairs"))
+        processed = pd.read_parquet(processed_folds)
+        pool = pd.read_parquet(unlabelled_pairs)
         metadata: dict = {}
         all_targets = []
         for fold in profile.folds:

@@ -16,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 
 from arena_pipeline.profile import Profile
-from arena_pipeline.resources.launcher import JobLauncher
+from arena_pipeline.resources.launching import Launcher
 from arena_pipeline.resources.storage import ArenaStorage
 from arena_pipeline.resources.tracking import MlflowTracking
 
@@ -49,15 +49,15 @@ def build_sft_asset(profile: Profile) -> dg.AssetsDefinition:
         lora_r: int = 16
         seed: int = profile.seed
 
-    @dg.asset(group_name=SFT_GROUP, deps=["raw_prompts"], pool="gpu", kinds={"pytorch", "mlflow"},
+    @dg.asset(group_name=SFT_GROUP, pool="gpu", kinds={"pytorch", "mlflow"},
               description="The generator fine-tuned with LoRA on arena-bench answers judged >= min_judge_score (chat "
                           "template, multi-turn, assistant-only loss) by `gpu_jobs.sft`; adapter in MLflow, merged "
                           "weights for `generated_completions` (generator: sft).")
     def generator_sft(context: dg.AssetExecutionContext, config: SftConfig, storage: ArenaStorage,
-                      launcher: JobLauncher, mlflow: MlflowTracking) -> dg.MaterializeResult:
+                      launcher: Launcher, mlflow: MlflowTracking, raw_prompts: Path) -> dg.MaterializeResult:
         out = sft_dir(storage)
         args = ["--model", profile.generator_model, "--answers", config.answers_path, "--output-dir", str(out),
-                "--exclude-questions", str(storage.data("raw_prompts")),
+                "--exclude-questions", str(raw_prompts),
                 "--min-judge-score", str(config.min_judge_score), "--max-length", str(config.max_length),
                 "--epochs", str(config.epochs), "--batch-size", str(config.batch_size), "--lr", str(config.lr),
                 "--lora-r", str(config.lora_r), "--seed", str(config.seed)]

@@ -32,25 +32,15 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import dagster as dg
 
 from arena_pipeline.profile import ACCELERATE_DIR, REPO_ROOT
+from arena_pipeline.resources.launching import JobResult, Launcher, MessageRelay, cause_hint, job_result
 
 STDERR_TAIL_LINES = 40
-
-
-@dataclass
-class JobResult:
-    """What a finished job reported: Pipes metadata, wall time and the command that ran."""
-
-    metadata: dict[str, Any]
-    wall_s: float
-    command: list[str]
-    pipes_results: list = field(default_factory=list)
 
 
 # `accelerate launch` turns a job process's death by a signal into its own exit code 1 and says so on stderr:
@@ -89,18 +79,7 @@ def _describe_exit(code: int, tail: list[str] = ()) -> str:
     return f"exited with code {code}"
 
 
-def _cause_hint(tail: list[str]) -> str:
-    text = "\n".join(tail)
-    if "CUDA out of memory" in text or "OutOfMemoryError" in text:
-        return " Cause: the GPU ran out of memory (lower batch_size / max_length, or enable gradient_checkpointing)."
-    if "CUDA error" in text:
-        return " Cause: a CUDA error (see the stderr tail; rerun with CUDA_LAUNCH_BLOCKING=1 to locate it)."
-    if "MemoryError" in text:
-        return " Cause: the host ran out of memory."
-    return ""
-
-
-class JobLauncher(dg.ConfigurableResource):
+class JobLauncher(Launcher):
     """Runs job programs as local subprocesses under Dagster Pipes."""
 
     accelerate_config: str = str(ACCELERATE_DIR / "cpu_single.yaml")
@@ -116,6 +95,11 @@ class JobLauncher(dg.ConfigurableResource):
         if environment not in self.environments:
             raise dg.Failure(f"launcher has no environment '{environment}' (configured: {sorted(self.environments)})")
         return self.environments[environment]
+
+    def has_environment(self, environment: str) -> bool:
+        """``default`` always (this interpreter); another environment when its python exists."""
+        return environment == "default" or (environment in self.environments
+                                            and Path(self.environments[environment]).exists())
 
     def config_file(self, accelerate_config: str | None = None) -> str:
         """The accelerate config a job uses: a member's own (a file name under gpu_jobs/accelerate_configs, or a
@@ -137,7 +121,7 @@ class JobLauncher(dg.ConfigurableResource):
         self,
         context: dg.AssetExecutionContext,
         module: str,
-        args: list[str],
+        args: list,
         *,
         accelerate: bool = True,
         environment: str = "default",
@@ -216,7 +200,7 @@ class JobLauncher(dg.ConfigurableResource):
                 lines = list(tail)
                 raise dg.Failure(
                     description=(
-                        f"{module} {_describe_exit(code, lines)} after {wall:.0f}s.{_cause_hint(lines)}\n"
+                        f"{module} {_describe_exit(code, lines)} after {wall:.0f}s.{cause_hint(lines)}\n"
                         "--- last stderr lines ---\n" + "\n".join(lines)
                     ),
                     metadata={"command": " ".join(cmd), "exit_code": code},
@@ -224,12 +208,7 @@ class JobLauncher(dg.ConfigurableResource):
         # read the results only after the session has closed: leaving the block waits for the message reader
         # to drain the child's last messages (reading them inside the block races with that reader thread)
         relay.drain()  # the messages the reader got while the session closed
-        results = list(session.get_results(implicit_materializations=False))
-        metadata: dict[str, Any] = {}
-        for result in results:
-            for key, value in (getattr(result, "metadata", None) or {}).items():
-                metadata[key] = value.value if hasattr(value, "value") else value
-        return JobResult(metadata=metadata, wall_s=wall, command=cmd, pipes_results=results)
+        return job_result(session, wall, cmd)
 
     @staticmethod
     def _pump(stream, log, tail) -> None:
@@ -271,43 +250,6 @@ class JobLauncher(dg.ConfigurableResource):
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-class MessageRelay(threading.Thread):
-    """Hands a Pipes session's custom messages to ``on_message`` as they arrive (polled once a second)."""
-
-    def __init__(self, session, on_message: Callable[[Any], None] | None, context, poll_s: float = 1.0):
-        super().__init__(daemon=True)
-        self.session, self.on_message, self.context, self.poll_s = session, on_message, context, poll_s
-        self.seen = 0
-        self._stop_event = threading.Event()
-        self._lock = threading.Lock()
-        self._warned = False
-
-    def run(self) -> None:
-        if self.on_message is None:
-            return
-        while not self._stop_event.wait(self.poll_s):
-            self.drain()
-
-    def drain(self) -> None:
-        if self.on_message is None:
-            return
-        with self._lock:
-            messages = self.session.get_custom_messages()
-            for message in messages[self.seen:]:
-                try:
-                    self.on_message(message)
-                except Exception as exc:  # noqa: BLE001 - a tracking hiccup must not fail the job
-                    if not self._warned:
-                        self.context.log.warning(f"could not record a job message: {type(exc).__name__}: {exc}")
-                        self._warned = True
-            self.seen = len(messages)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        if self.is_alive():
-            self.join(timeout=10)
 
 
 def jobs_dir(root: Path) -> Path:
@@ -458,10 +400,3 @@ def default_environments() -> dict[str, str]:
     if vllm_python.exists():
         envs["generation"] = str(vllm_python)
     return envs
-
-
-def vllm_available(launcher) -> bool:
-    """Whether the launcher has a generation environment (a local venv, or an image on a cluster)."""
-    if hasattr(launcher, "has_environment"):
-        return launcher.has_environment("generation")
-    return "generation" in launcher.environments and Path(launcher.environments["generation"]).exists()

@@ -219,9 +219,13 @@ class LiveRun:
             self.client.log_batch(self.run_id, params=param_list[start:start + 100])
 
     def on_message(self, payload) -> None:
-        """A Pipes custom message from the job: ``{"kind": "step", "step": n, "loss": ..., "lr": ...}``."""
+        """A Pipes custom message from the job: ``{"kind": "step", "step": n, "loss": ..., "lr": ...}`` (charted
+        as ``train_*``) or ``{"kind": "val", "step": n, "val_log_loss": ...}`` (charted as ``val_log_loss_at_step``)."""
         if isinstance(payload, dict) and payload.get("kind") == "step":
             self.log_history([payload])
+        elif isinstance(payload, dict) and payload.get("kind") == "val" and _is_number(payload.get("val_log_loss")):
+            self.client.log_metric(self.run_id, "val_log_loss_at_step", float(payload["val_log_loss"]),
+                                   step=int(payload.get("step", 0)))
 
     def log_history(self, rows: list[dict]) -> None:
         from mlflow.entities import Metric

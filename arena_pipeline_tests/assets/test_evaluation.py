@@ -9,7 +9,8 @@ import pytest
 
 from arena_pipeline import calibration as cal
 from arena_pipeline import blending as ens
-from arena_pipeline.assets.evaluation import (HELD_OUT_FOLD, calibration_rows, loso_split, subset_rows, subset_table,
+from arena_pipeline.assets.evaluation import (HELD_OUT_FOLD, calibration_rows, leave_one_member_out_rows, loso_split,
+                                              subset_rows, subset_table,
                                               swap_consistency, swapped_members)
 from arena_pipeline.profile import SMOKE
 
@@ -77,6 +78,7 @@ def test_loso_evaluation_on_smoke_run(smoke_run, monkeypatch):
         assert 0 <= report["swap_consistency"] <= 1
         variants = [r["variant"] for r in report["ablation"]]
         assert "member stage1/features" in variants and "+ temperature" in variants
+        assert {f"fitted blend without stage1/{m.name}" for m in SMOKE.models} <= set(variants)
         assert {"+ Davidson tie model (fitted on stage-1 OOF)", "+ tie prior re-estimated by EM on this file",
                 "+ shrinkage toward the prior (weight chosen on the other sources)",
                 "Davidson stacker over the members (fitted on stage-1 OOF)"} <= set(variants)
@@ -92,6 +94,23 @@ def test_loso_evaluation_on_smoke_run(smoke_run, monkeypatch):
     table = (smoke_run["storage"].root / "loso" / "ablation.md").read_text()
     assert table.startswith("| variant |") and "fitted blend" in table and "| llmbar subset |" in table
     assert "| source | tie rate (true) |" in table
+
+
+def test_blend_without_each_member_drops_it_and_its_tta_twin():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 200)
+    good = np.eye(3)[y] * 0.6 + 0.4 / 3  # right and confident
+    noise = rng.dirichlet([1, 1, 1], size=200)
+    members = {"stage1/good": good, "stage1/good+tta": good, "stage1/noise": noise}
+    rows = {r["variant"]: r for r in leave_one_member_out_rows(y, members, {"stage1/good": 0.5, "stage1/noise": 0.5})}
+    assert set(rows) == {"fitted blend without stage1/good", "fitted blend without stage1/noise"}
+    # without `good` (and its twin) only the noise is left; without the noise, only `good` (its weight renormalised)
+    assert rows["fitted blend without stage1/good"]["log_loss"] == pytest.approx(ens.log_loss3(y, noise))
+    assert rows["fitted blend without stage1/noise"]["log_loss"] == pytest.approx(ens.log_loss3(y, good))
+    # a remaining member whose weight was 0: the uniform blend of what is left
+    zero = leave_one_member_out_rows(y, {"a": good, "b": noise}, {"a": 1.0, "b": 0.0})
+    assert zero[0]["variant"] == "fitted blend without a"
+    assert zero[0]["log_loss"] == pytest.approx(ens.log_loss3(y, noise))
 
 
 def test_calibration_rows_score_each_map_on_the_held_out_rows():

@@ -16,7 +16,8 @@ from arena_pipeline.profile import SHIPPED, SMOKE
 from arena_pipeline.data.clean import clean_frame
 from arena_pipeline.data.load import read_table
 from arena_pipeline.resources.launcher import JobLauncher
-from arena_pipeline.resources.storage import ArenaStorage, OverwriteError
+from arena_pipeline.resources.asset_files import AssetFiles
+from arena_pipeline.resources.storage import ArenaStorage, OverwriteError, atomic_write_parquet
 from arena_pipeline.resources.tracking import MlflowTracking
 
 
@@ -30,15 +31,16 @@ def test_bundle_refuses_a_test_path_inside_the_bundle(tmp_path, case):
     if case == "symlink_into_bundle":
         test_path = tmp_path / "test.csv"
         test_path.symlink_to(target)
+    atomic_write_parquet(pd.read_parquet(SHIPPED / "pandalm_test.parquet").head(4), storage.data("processed_folds"))
     before = hashlib.sha256(target.read_bytes()).hexdigest()
     with pytest.raises(OverwriteError, match="test_path") as err:
-        dg.materialize([build_bundle_asset(SMOKE)],
-                       resources={"storage": storage, "launcher": JobLauncher(),
+        dg.materialize([dg.AssetSpec("processed_folds"), build_bundle_asset(SMOKE)],
+                       resources={"storage": storage, "io_manager": AssetFiles(storage=storage), "launcher": JobLauncher(),
                                   "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")},
                        run_config={"ops": {"predictor_bundle": {"config": {"test_path": str(test_path)}}}})
     assert str(target) in str(err.value) and str(test_path) in str(err.value)
     assert hashlib.sha256(target.read_bytes()).hexdigest() == before
-    assert sorted(p.name for p in storage.bundle_dir.parent.iterdir()) == ["bundle"]  # nothing written beside it
+    assert sorted(p.name for p in storage.bundle_dir.parent.iterdir()) == ["bundle", "data"]  # nothing written beside
 
 
 @pytest.mark.slow
@@ -49,8 +51,8 @@ def test_bundle_scores_the_test_file_through_launched_jobs(smoke_run, tmp_path):
     rows = pd.read_parquet(SHIPPED / "pandalm_test.parquet").head(20)
     rows[["id", "prompt", "response_a", "response_b"]].to_csv(tmp_path / "test.csv", index=False)
     result = dg.materialize(
-        [build_bundle_asset(SMOKE)],
-        resources={"storage": storage, "launcher": JobLauncher(),
+        [dg.AssetSpec("processed_folds"), build_bundle_asset(SMOKE)],
+        resources={"storage": storage, "io_manager": AssetFiles(storage=storage), "launcher": JobLauncher(),
                    "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")},
         run_config={"ops": {"predictor_bundle": {"config": {"test_path": str(tmp_path / "test.csv")}}}})
     assert result.success

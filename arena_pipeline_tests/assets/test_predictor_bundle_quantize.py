@@ -12,6 +12,7 @@ from arena_pipeline.assets.predictor_bundle import build_bundle_asset
 from arena_pipeline.bundle import score_frame
 from arena_pipeline.profile import SMOKE
 from arena_pipeline.resources.launcher import JobLauncher
+from arena_pipeline.resources.asset_files import AssetFiles
 from arena_pipeline.resources.storage import ArenaStorage
 from arena_pipeline.resources.tracking import MlflowTracking
 from arena_pipeline_tests.gpu_jobs.test_quantize import real_rows, train_small_minilm
@@ -37,8 +38,8 @@ def test_bundle_scores_int8_through_launched_jobs_and_records_it(tmp_path):
     rows = real_rows(6)
     rows[["id", "prompt", "response_a", "response_b"]].to_csv(tmp_path / "test.csv", index=False)
     result = dg.materialize(
-        [build_bundle_asset(SMOKE)],
-        resources={"storage": storage, "launcher": JobLauncher(),
+        [dg.AssetSpec("processed_folds"), build_bundle_asset(SMOKE)],
+        resources={"storage": storage, "io_manager": AssetFiles(storage=storage), "launcher": JobLauncher(),
                    "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")},
         run_config={"ops": {"predictor_bundle": {"config": {"test_path": str(tmp_path / "test.csv"),
                                                              "quantize": "int8"}}}})

@@ -8,13 +8,14 @@ from arena_pipeline.assets.processed_folds import build_folds_asset
 from arena_pipeline.assets.raw import build_raw_assets
 from arena_pipeline.checks import FOLD_CHECKS
 from arena_pipeline.profile import SHIPPED, SMOKE
+from arena_pipeline.resources.asset_files import AssetFiles
 from arena_pipeline.resources.storage import ArenaStorage
 from arena_pipeline.resources.tracking import MlflowTracking
 
 
 def _materialise(storage, run_config=None, profile=SMOKE):
     assets = [*build_raw_assets(profile), build_folds_asset(profile)]
-    resources = {"storage": storage, "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{storage.root / 'mlflow.db'}")}
+    resources = {"storage": storage, "io_manager": AssetFiles(storage=storage), "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{storage.root / 'mlflow.db'}")}
     return dg.materialize([*assets, *FOLD_CHECKS], resources=resources, run_config=run_config,
                           raise_on_error=False)
 
@@ -89,7 +90,7 @@ def test_fold_checks_fail_on_crafted_bad_folds(tmp_path, corruption):
         frame.loc[labelled.index[1], "id"] = frame.loc[labelled.index[0], "id"]
     frame.to_parquet(storage.data("processed_folds"))
     check = {"split_group": FOLD_CHECKS[0], "duplicate_id": FOLD_CHECKS[2]}[corruption]
-    result = dg.materialize([build_folds_asset(SMOKE), check], resources={"storage": storage, "mlflow": MlflowTracking()},
+    result = dg.materialize([*build_raw_assets(SMOKE), build_folds_asset(SMOKE), check], resources={"storage": storage, "io_manager": AssetFiles(storage=storage), "mlflow": MlflowTracking()},
                             selection=dg.AssetSelection.checks(check), raise_on_error=False)
     evaluation = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
     assert evaluation and evaluation[0].passed is False

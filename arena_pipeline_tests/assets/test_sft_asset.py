@@ -12,6 +12,7 @@ from arena_pipeline.assets.raw import build_raw_assets
 from arena_pipeline.assets.sft import build_sft_asset
 from arena_pipeline.profile import SMOKE
 from arena_pipeline.resources.launcher import JobLauncher
+from arena_pipeline.resources.asset_files import AssetFiles
 from arena_pipeline.resources.storage import ArenaStorage
 from arena_pipeline.resources.tracking import MlflowTracking
 from arena_pipeline_tests.gpu_jobs.test_sft import short_good_answers
@@ -24,7 +25,7 @@ def test_generated_completions_use_the_tuned_generator(tmp_path):
     profile = dataclasses.replace(SMOKE, n_generate_prompts=2, generate_max_new_tokens=8)
     storage = ArenaStorage(home=str(tmp_path / "arena"))
     mlflow = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    resources = {"storage": storage, "mlflow": mlflow, "launcher": JobLauncher()}
+    resources = {"storage": storage, "io_manager": AssetFiles(storage=storage), "mlflow": mlflow, "launcher": JobLauncher()}
     raw = [a for a in build_raw_assets(profile) if a.key.to_user_string() == "raw_prompts"]
     sft = build_sft_asset(profile)
     generated, _ = build_completion_assets(profile)

@@ -208,9 +208,11 @@ def test_swapping_a_and_b_permutes_the_probabilities_exactly_and_survives_save_l
 def test_train_job_writes_oof_and_metrics_without_training_on_ties_or_the_calibration_slice(tmp_path):
     frame = rows(20, seed=5)
     frame.loc[frame.index[:3], D.WINNER_COLUMNS] = [0, 0, 1]  # a few ties, whatever the sample holds
+    stop = tmp_path / "stop"  # HPO pruning's stop file, there from the start: one step, then calibrate and predict
+    stop.touch()
     out, metrics = run_train_job(CONFIG, frame, tmp_path, 0, TINY + [
         "training.max_length=64", "inference.max_length=64", "training.batch_size=4", "inference.batch_size=8",
-        "dpo.calibration_fraction=0.25"])
+        "dpo.calibration_fraction=0.25"], extra=["--stop-file", str(stop)])
     oof = pd.read_parquet(out / "oof.parquet")
     val = frame[frame.fold == 0]
     assert len(oof) == len(val) == metrics["n_val"] == 5 and set(oof.id) == set(val.id) and (oof.fold == 0).all()
@@ -221,7 +223,8 @@ def test_train_job_writes_oof_and_metrics_without_training_on_ties_or_the_calibr
     # 0.25 of the training rows' prompt groups went to the calibration; the ties of the rest stay out of the loss
     assert metrics["dpo_calibration_rows"] >= 1 and metrics["dpo_calibration_fitted_on"] == "calibration_slice"
     assert 15 - metrics["dpo_calibration_rows"] - ties <= metrics["dpo_pairs"] < 15 - metrics["dpo_calibration_rows"] + 1
-    assert metrics["n_steps"] == len((out / "history.jsonl").read_text().splitlines()) >= 1
+    assert metrics["n_steps"] == len((out / "history.jsonl").read_text().splitlines()) == 1
+    assert metrics["stopped_early_at_step"] == 1
     assert (out / "model" / dpo.CALIBRATION_FILE).exists() and (out / "model" / "adapter_config.json").exists()
     assert not (out / "oof_tta.parquet").exists()  # tta: false in the config
 
@@ -235,6 +238,7 @@ def test_train_job_writes_oof_and_metrics_without_training_on_ties_or_the_calibr
     (["lora=null"], "lora"),                                          # the reference is the adapter switched off
     (["text.truncation_side=left"], "text.truncation_side"),
     (["training.swap_augment=true"], "training.swap_augment"),
+    (["training.eval_every_steps=5"], "training.eval_every_steps"),
 ])
 def test_config_errors_name_the_file_and_the_key(overrides, key):
     with pytest.raises(ValueError) as err:

@@ -199,3 +199,36 @@ def test_log_losses_match_the_clip_after_normalising_formula():
     for c, name in enumerate(["a", "b", "tie"]):
         assert got[f"loss_{name}"] == pytest.approx(float(nll[y == c].mean()), abs=1e-12)
     assert log_losses(probs[y != 2], y[y != 2])["loss_tie"] is None
+
+
+def _train_cli(tmp_path, name: str, extra: list[str]) -> dict:
+    frame = small_frame(48, seed=2)
+    data = tmp_path / "train.parquet"
+    frame.to_parquet(data)
+    out = tmp_path / name
+    env = dict(os.environ)
+    env.pop("DAGSTER_PIPES_CONTEXT", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpu_jobs.train", "--config", str(CONFIGS / "cross_encoder_minilm.yaml"),
+         "--fold", "0", "--data", str(data), "--output-dir", str(out), "--set", "training.max_length=48",
+         "inference.max_length=48", "training.epochs=1", "training.batch_size=6", "training.eval_every_steps=2",
+         *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_validation_curve_every_n_steps_and_the_stop_file(tmp_path):
+    """training.eval_every_steps scores the held-out fold during training; a stop file ends training after the
+    step in which it appears, and the job still predicts and publishes (what HPO pruning relies on)."""
+    full = _train_cli(tmp_path, "full", [])
+    n_train = 48 - 12  # fold 0 of 48 rows (fold = row % 4) is validation
+    assert full["n_steps"] == -(-n_train // 6) == 6 and "stopped_early_at_step" not in full
+    assert [v["step"] for v in full["val_curve"]] == [2, 4, 6]
+    # the last point is the trained model on the same rows: the job's own val_log_loss (no TTA in this config)
+    assert full["val_curve"][-1]["val_log_loss"] == pytest.approx(full["val_log_loss"], abs=1e-4)
+
+    stop = tmp_path / "stop"
+    stop.touch()
+    early = _train_cli(tmp_path, "early", ["--stop-file", str(stop)])
+    assert early["stopped_early_at_step"] == 1 and early["n_steps"] == 1 and "val_curve" not in early
+    assert np.isfinite(early["val_log_loss"]) and early["n_val"] == 12

@@ -287,9 +287,10 @@ class DPOFamily:
 
     # -------------------------------------------------------------------------------------- fit
     def fit(self, cfg, train_df, y, w, accelerator, history_path=None, checkpointer=None, log=None, report=None,
-            held_out=None):
+            held_out=None, stop_file=None):
         """DPO on the training rows (minus the calibration slice), then the calibration; ``held_out`` (the
-        validation fold) is never read. Returns (DPOModel, tokenizer, stats)."""
+        validation fold) is never read. Once ``stop_file`` exists (HPO pruning) every process stops after the
+        current step, and the calibration is fitted on the policy as it is. Returns (DPOModel, tokenizer, stats)."""
         import torch
         import torch.nn.functional as F
         from transformers import get_scheduler
@@ -345,7 +346,7 @@ class DPOFamily:
 
         from tqdm.auto import tqdm
 
-        from gpu_jobs.train import _restore_rng, fresh_start
+        from gpu_jobs.train import _restore_rng, fresh_start, stop_requested
 
         r = checkpointer.resume(model, history_path, log, per_rank) if checkpointer is not None else fresh_start()
         if r["rng"] is not None:  # the batch order is seeded per epoch (numpy); the global RNGs drive dropout
@@ -354,7 +355,7 @@ class DPOFamily:
         history = open(history_path, "a" if step else "w") if history_path is not None else None
         bar = tqdm(total=total_steps, initial=step, desc=f"dpo {cfg.name}",
                    disable=not accelerator.is_local_main_process)
-        micro, t0 = [], time.perf_counter()
+        micro, t0, stopped_at = [], time.perf_counter(), None
         model.train()
         for epoch in range(r["epoch"], t.epochs):
             sampler.set_epoch(epoch)
@@ -408,6 +409,12 @@ class DPOFamily:
                 if checkpointer is not None and step % checkpointer.every == 0:
                     checkpointer.save(step, epoch, index + 1, seen, prior_train_s + time.perf_counter() - t0,
                                       history_path)
+                if stop_requested(accelerator, stop_file):
+                    stopped_at = step
+                    break
+            if stopped_at is not None:
+                _log(log, f"{cfg.name}: stopped at step {step} ({stop_file} appeared)")
+                break
         train_s = prior_train_s + time.perf_counter() - t0
         bar.close()
         if history is not None:
@@ -442,7 +449,7 @@ class DPOFamily:
         stats = {"train_examples_per_s": seen_all / max(train_s, 1e-9), "train_s": train_s, "n_steps": step,
                  "resumed_from_step": r["step"], "first_train_loss": step_losses[0],
                  "final_train_loss": float(np.mean(step_losses[-max(1, len(step_losses) // 10):])),
-                 "metrics": metrics}
+                 "metrics": metrics, **({"stopped_early_at_step": stopped_at} if stopped_at is not None else {})}
         return DPOModel(model, calibration), tokenizer, stats
 
     # -------------------------------------------------------------------------------------- save / load

@@ -139,11 +139,11 @@ class NeuralFamily:
         return self.pretrain_fn(cfg, model, tokenizer, accelerator, held_out, log=log)
 
     def fit(self, cfg, train_df, y, w, accelerator, history_path=None, checkpointer=None, log=None, report=None,
-            held_out=None):
+            held_out=None, stop_file=None):
         from gpu_jobs.train import fit_neural
 
         return fit_neural(cfg, train_df, y, w, accelerator, history_path, checkpointer=checkpointer, log=log,
-                          report=report, held_out=held_out)
+                          report=report, held_out=held_out, stop_file=stop_file)
 
     def save(self, model, tokenizer, model_dir) -> None:
         self.save_fn(model, tokenizer, model_dir)
