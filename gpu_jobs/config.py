@@ -160,8 +160,9 @@ class CrossEncoderConfig(NeuralConfig):
     window: WindowSection | None = None  # null (default): one tagged sequence per row, cut to max_length
 
 
-class LLMClassifierConfig(NeuralConfig):
-    family: Literal["llm_classifier"] = "llm_classifier"
+class DecoderConfig(NeuralConfig):
+    """What the decoder families (``llm_classifier``, ``dpo``) share: attention kernel, LoRA, 4-bit base."""
+
     # auto | eager | sdpa | flash_attention_2, resolved by gpu_jobs.models.attention for the device and dtype
     attn_implementation: Literal[ATTENTION] = "auto"  # type: ignore[valid-type]
     lora: LoraSection | None = Field(default_factory=LoraSection)  # null: full fine-tuning
@@ -172,6 +173,45 @@ class LLMClassifierConfig(NeuralConfig):
         if self.quantization.load_in_4bit and self.lora is None:
             raise ConfigKeyError("quantization.load_in_4bit", "4-bit weights cannot be trained without LoRA; set a "
                                  "`lora:` section or load_in_4bit: false")
+        return self
+
+
+class LLMClassifierConfig(DecoderConfig):
+    family: Literal["llm_classifier"] = "llm_classifier"
+
+
+class DPOSection(Section):
+    """The ``dpo`` family's own settings (``gpu_jobs/models/dpo.py``)."""
+
+    beta: Float = Field(0.1, gt=0)  # DPO temperature: the implicit reward is beta * log(pi / pi_ref)
+    # ties in the DPO loss: drop (default: left out of the loss, kept for the calibration, which fits the tie
+    # parameter) | half (a tie is a pair whose target P(A preferred to B) is 1/2: it pulls the margin to 0)
+    ties: Literal["drop", "half"] = "drop"
+    # share of the training rows (whole prompt groups, seeded) kept out of the DPO loss to fit the 3-class
+    # calibration on; 0: fit it on the margins of the rows the policy was trained on (over-confident)
+    calibration_fraction: Float = Field(0.2, ge=0, lt=1)
+
+
+class DPOConfig(DecoderConfig):
+    family: Literal["dpo"] = "dpo"
+    # the reference model is the base with the adapter switched off: a LoRA adapter is required
+    lora: LoraSection = Field(default_factory=LoraSection)
+    # conversations are cut at their end (gpu_jobs.sft.encode_conversation): only "right" is honoured
+    text: TextConfig = Field(default_factory=lambda: TextConfig(truncation_side="right"))
+    dpo: DPOSection = Field(default_factory=DPOSection)
+
+    @model_validator(mode="after")
+    def _dpo_settings(self):
+        if self.text.truncation_side != "right":
+            raise ConfigKeyError("text.truncation_side", "the dpo family cuts each conversation at its end (the "
+                                 "chat template's turns in order); set truncation_side: right")
+        if self.training.eval_every_steps is not None:
+            raise ConfigKeyError("training.eval_every_steps", "the dpo member's probabilities come from the "
+                                 "calibration fitted after training, so the validation fold cannot be scored "
+                                 "mid-run; leave it null (training.checkpoint_every_steps and --stop-file work)")
+        if self.training.swap_augment:
+            raise ConfigKeyError("training.swap_augment", "a swapped pair gives the dpo loss the same term "
+                                 "(the margin is antisymmetric): swap_augment would only double the work")
         return self
 
 

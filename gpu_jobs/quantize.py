@@ -48,6 +48,9 @@ def plan(family: str, mode: str, device_type: str) -> dict:
         return {**record, "method": "none", "reason": "full precision asked"}
     if not get_family(family).neural:
         return {**record, "method": "none", "reason": f"the {family} family has no neural weights"}
+    if not getattr(get_family(family), "quantizable", True):  # e.g. dpo: scores with its adapter on and off
+        return {**record, "method": "none", "reason": f"the {family} family predicts as trained "
+                f"({get_family(family).quantizable_reason})"}
     if device_type == "cuda":
         if family in DECODER_FAMILIES:
             return {**record, "method": BNB_NF4 if mode == "int4" else BNB_INT8, "reason": "decoder on CUDA"}

@@ -193,6 +193,11 @@ def find_checkpoint(ckpt_dir: Path, fingerprint: str) -> tuple[Path, dict] | Non
     return path, meta
 
 
+def fresh_start() -> dict:
+    """What ``Checkpointer.resume`` returns when there is nothing to resume (a new dict: ``losses`` grows)."""
+    return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "seen": 0, "train_s": 0.0, "rng": None, "losses": []}
+
+
 class Checkpointer:
     """Saves and finds the resumable checkpoints of one job (every process calls every method)."""
 
@@ -280,6 +285,29 @@ class Checkpointer:
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
+    def resume(self, model, history_path: Path | None, log=None, n_batches: int | None = None) -> dict:
+        """Attach to the prepared ``model`` and load the job's latest complete checkpoint, if any. Returns
+        ``fresh_start()`` without one, else its ``step``, ``epoch``, ``batch_in_epoch`` (batches of that epoch
+        done), ``seen``, ``train_s``, ``rng`` (this rank's RNG state, to re-apply where the loop's data order
+        has drawn its seed) and ``losses`` (per step); ``history_path`` is cut to the steps up to it (the
+        later ones are redone)."""
+        self.attach(model)
+        found = self.latest()
+        if found is None:
+            return fresh_start()
+        path, meta = found
+        rank_state = self.load(path)
+        lines = (path / "history.jsonl").read_text().splitlines()
+        past = [json.loads(line) for line in lines if line.strip()][:meta["step"]]
+        if history_path is not None:
+            history_path.write_text("".join(json.dumps(h) + "\n" for h in past))
+        if log is not None:
+            log.info(f"resumed_from_step {meta['step']}: {path} (epoch {meta['epoch']}, batch "
+                     f"{meta['batch_in_epoch']} of {n_batches if n_batches is not None else '?'})")
+        return {"step": meta["step"], "epoch": meta["epoch"], "batch_in_epoch": meta["batch_in_epoch"],
+                "seen": rank_state["seen"], "train_s": meta["train_s"], "rng": rank_state["rng"],
+                "losses": [h["loss"] for h in past]}
+
     def close(self) -> None:
         if self._hook is not None:
             self._hook.remove()
@@ -335,24 +363,9 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     # ---- resume
-    step, seen, step_losses, prior_train_s = 0, 0, [], 0.0
-    start_epoch, skip_batches, resume_rng, resumed_from = 0, 0, None, 0
-    if checkpointer is not None:
-        checkpointer.attach(model)
-        found = checkpointer.latest()
-        if found is not None:
-            path, meta = found
-            rank_state = checkpointer.load(path)
-            step, start_epoch, skip_batches = meta["step"], meta["epoch"], meta["batch_in_epoch"]
-            seen, prior_train_s, resume_rng, resumed_from = rank_state["seen"], meta["train_s"], rank_state["rng"], step
-            lines = (path / "history.jsonl").read_text().splitlines()
-            past = [json.loads(line) for line in lines if line.strip()][:step]
-            step_losses = [h["loss"] for h in past]
-            if history_path is not None:  # the steps up to the checkpoint; later ones are redone
-                history_path.write_text("".join(json.dumps(h) + "\n" for h in past))
-            if log is not None:
-                log.info(f"resumed_from_step {step}: {path} (epoch {start_epoch}, batch {skip_batches} of "
-                         f"{len(loader)})")
+    r = checkpointer.resume(model, history_path, log, len(loader)) if checkpointer is not None else fresh_start()
+    step, seen, step_losses, prior_train_s = r["step"], r["seen"], r["losses"], r["train_s"]
+    start_epoch, skip_batches, resume_rng, resumed_from = r["epoch"], r["batch_in_epoch"], r["rng"], r["step"]
 
     history = open(history_path, "a" if resumed_from else "w") if history_path is not None else None
     progress = tqdm(total=math.ceil(len(loader) / t.grad_accum) * t.epochs, initial=step, desc=f"train {cfg.name}",
@@ -410,12 +423,9 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
                                                      y_held_out, step))
                     if report is not None and accelerator.is_main_process:
                         report({"kind": "val", **val_curve[-1]})
-                if stop_file is not None:
-                    if accelerator.is_main_process and Path(stop_file).exists():
-                        accelerator.set_trigger()
-                    if accelerator.check_trigger():
-                        stopped_at = step
-                        break
+                if stop_requested(accelerator, stop_file):
+                    stopped_at = step
+                    break
         if stopped_at is not None:
             if log is not None:
                 log.info(f"{cfg.name}: stopped at step {step} ({stop_file} appeared)")
@@ -442,6 +452,16 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
     model = accelerator.unwrap_model(model)
     model.eval()
     return model, tokenizer, stats
+
+
+def stop_requested(accelerator, stop_file: Path | None) -> bool:
+    """True on every process once ``stop_file`` exists (HPO pruning): the main process looks, accelerate's trigger
+    makes all ranks stop after the same step."""
+    if stop_file is None:
+        return False
+    if accelerator.is_main_process and Path(stop_file).exists():
+        accelerator.set_trigger()
+    return accelerator.check_trigger()
 
 
 def _score_held_out(cfg, family, accelerator, model, tokenizer, held_out: pd.DataFrame, y: np.ndarray,
@@ -550,6 +570,7 @@ def run(args: argparse.Namespace, cfg, accelerator, pipes, precision: Precision 
             **({"precision": precision.name} if precision is not None else {}),
             **{k: v for k, v in stats.items() if k.startswith("pretrain_")},
             **{k: stats[k] for k in ("val_curve", "stopped_early_at_step") if k in stats},
+            **stats.get("metrics", {}),  # a family's own figures (e.g. the dpo family's calibration)
         }
         if probs_tta is not None:
             metrics["val_log_loss_tta"] = log_losses(probs_tta, y_val)["log_loss"]

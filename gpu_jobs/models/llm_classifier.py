@@ -57,16 +57,19 @@ def attention_for(cfg, path: str, device, dtype) -> tuple[str, str]:
                              dtype in (torch.bfloat16, torch.float16))
 
 
-def _base_model(cfg, path: str, tokenizer, device=None):
+def _base_model(cfg, path: str, tokenizer, device=None, causal_lm: bool = False):
+    """The frozen base of ``cfg`` (dtype, attention kernel, 4-bit, attention dropout): a 3-label sequence
+    classifier, or with ``causal_lm`` the language model itself (the ``dpo`` family's policy)."""
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     quantised = cfg.quantization.load_in_4bit
     precision = resolve(cfg.precision, str(device) if device is not None else None)
     # frozen base weights in the compute precision (bf16: half the memory) under LoRA or 4-bit; trainable
     # weights are cast to fp32 after wrapping
     dtype = precision.dtype if (cfg.lora is not None or quantised) else torch.float32
-    kwargs = dict(num_labels=3, id2label=LABELS, label2id={v: k for k, v in LABELS.items()}, dtype=dtype)
+    kwargs = dict(dtype=dtype) if causal_lm else dict(
+        num_labels=3, id2label=LABELS, label2id={v: k for k, v in LABELS.items()}, dtype=dtype)
     kwargs["attn_implementation"], reason = attention_for(cfg, path, device, dtype)
     print(f"{cfg.name}: attention {kwargs['attn_implementation']} ({reason})", file=sys.stderr, flush=True)
     if cfg.training.attention_dropout is not None:
@@ -74,20 +77,19 @@ def _base_model(cfg, path: str, tokenizer, device=None):
     if quantised:
         kwargs["quantization_config"] = _quantization_config(cfg, precision.dtype)
         kwargs["device_map"] = {"": str(device) if device is not None else "cpu"}  # 4-bit weights load in place
-    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    auto_class = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
+    model = auto_class.from_pretrained(path, **kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
     return model
 
 
-def build(cfg, device=None):
-    """Base LLM + head, wrapped with LoRA (and 4-bit base for QLoRA); returns (model, tokenizer)."""
+def wrap_lora(model, cfg, task_type: str, modules_to_save: tuple[str, ...] = ()):
+    """``model`` made trainable as ``cfg`` asks: k-bit preparation (QLoRA) or gradient checkpointing, the LoRA
+    adapter of ``cfg.lora`` (none when null: full fine-tuning), trainable weights in fp32."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    path = resolve_model(cfg.model_name)
-    tokenizer = load_tokenizer(path)
-    model = _base_model(cfg, path, tokenizer, device)
     checkpointing = cfg.training.gradient_checkpointing
     if cfg.quantization.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
@@ -95,14 +97,22 @@ def build(cfg, device=None):
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora is not None:
-        lora = LoraConfig(task_type="SEQ_CLS", r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+        lora = LoraConfig(task_type=task_type, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
                           lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules),
-                          modules_to_save=list(HEAD_NAMES))
+                          modules_to_save=list(modules_to_save) or None)
         model = get_peft_model(model, lora)
     for p in model.parameters():  # optimiser state and updates in fp32
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    return model, tokenizer
+    return model
+
+
+def build(cfg, device=None):
+    """Base LLM + head, wrapped with LoRA (and 4-bit base for QLoRA); returns (model, tokenizer)."""
+    path = resolve_model(cfg.model_name)
+    tokenizer = load_tokenizer(path)
+    model = _base_model(cfg, path, tokenizer, device)
+    return wrap_lora(model, cfg, "SEQ_CLS", HEAD_NAMES), tokenizer
 
 
 def save(model, tokenizer, model_dir: Path) -> None:

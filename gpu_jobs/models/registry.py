@@ -11,7 +11,8 @@ A family is a module under ``gpu_jobs/models`` that defines ``FAMILY``, an objec
 - ``fit(cfg, train_df, y, w, accelerator, history_path=None, checkpointer=None, log=None, report=None,
   held_out=None)`` -> ``(model, tokenizer_or_None, stats)`` with stats ``train_examples_per_s``, ``train_s``,
   ``n_steps``, ``resumed_from_step``, ``first_train_loss``, ``final_train_loss`` (plus ``pretrain_*`` after a
-  pre-training stage); ``held_out`` is the validation fold, which no stage may train on;
+  pre-training stage, and optionally ``metrics``: a dict of the family's own figures, copied into
+  metrics.json); ``held_out`` is the validation fold, which no stage may train on;
 - ``save(model, tokenizer, model_dir)`` and ``load(model_dir, cfg, device=None)`` -> ``(model, tokenizer)``;
 - ``predict(cfg, model, tokenizer, frame, tta=False, batch_size=None, max_length=None, device=None,
   accelerator=None, progress=False, precision=None)`` -> ``(probs, probs_tta_or_None)``, (n, 3) A, B, tie in input order.
@@ -40,7 +41,8 @@ then add its one line to ``FAMILIES`` below (``"my_family": "gpu_jobs.models.my_
 changes: ``gpu_jobs.train`` / ``predict`` / ``probe`` and the Dagster assets (kinds, demo sizing) ask the
 family; a profile member with ``config: my_family_x.yaml`` has its overrides checked against
 ``MyFamilyConfig`` when the profile loads. A non-neural family implements the protocol itself (see
-``FeaturesFamily`` in ``gpu_jobs/models/features.py``). Keep the module's heavy imports (``torch``, ``transformers``, ``peft``)
+``FeaturesFamily`` in ``gpu_jobs/models/features.py``); so does a neural family whose training is not the
+shared loop (``DPOFamily`` in ``gpu_jobs/models/dpo.py``: a causal LM tuned with DPO, its own loop). Keep the module's heavy imports (``torch``, ``transformers``, ``peft``)
 inside its functions: profiles look the config class up when the Dagster definitions load.
 """
 
@@ -55,6 +57,7 @@ FAMILIES: dict[str, str] = {  # family name -> the module that defines FAMILY
     "llm_classifier": "gpu_jobs.models.llm_classifier",
     "reward_model": "gpu_jobs.models.reward_model",
     "bi_encoder": "gpu_jobs.models.bi_encoder",
+    "dpo": "gpu_jobs.models.dpo",
 }
 
 
