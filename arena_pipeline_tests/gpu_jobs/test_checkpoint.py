@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpu_jobs import train as T
+from gpu_jobs import checkpoint as C
 
 ROOT = Path(__file__).resolve().parents[2]
 PAIRS = ROOT / "data" / "shipped" / "arena_bench_pairs.parquet"
@@ -84,7 +84,7 @@ def test_killed_job_resumes_from_its_latest_complete_checkpoint(tmp_path):
     data = tmp_path / "train.parquet"
     frame.assign(fold=np.arange(40) % 5).to_parquet(data)  # 32 training rows: 8 steps of 4 per epoch
     ref, out = tmp_path / "ref", tmp_path / "out"
-    ckpt = T.checkpoint_dir(out)
+    ckpt = C.checkpoint_dir(out)
 
     _run(_job(data, ref, []))  # uninterrupted, no checkpoints
 
@@ -100,7 +100,7 @@ def test_killed_job_resumes_from_its_latest_complete_checkpoint(tmp_path):
     assert 0 < first_resume < 10, log[-2000:]
 
     # an incomplete checkpoint with a later step (no completion marker) must be ignored, not loaded
-    complete = sorted(int(p.name.split("-")[1]) for p in ckpt.glob("step-*") if (p / T.CKPT_MARKER).exists())
+    complete = sorted(int(p.name.split("-")[1]) for p in ckpt.glob("step-*") if (p / C.CKPT_MARKER).exists())
     assert complete, list(ckpt.iterdir())
     fake_step = complete[-1] + 2  # the resumed job writes this step again: the leftover is replaced
     fake = ckpt / f"step-{fake_step}"
@@ -135,26 +135,26 @@ def _fake_checkpoint(ckpt: Path, step: int, fingerprint: str, marker: bool = Tru
     if marker:
         meta = {"complete": True, "step": step, "epoch": 0, "batch_in_epoch": step, "train_s": 1.0,
                 "fingerprint": fingerprint, "files": {"optimizer.bin": 10}}
-        (path / T.CKPT_MARKER).write_text(json.dumps(meta))
+        (path / C.CKPT_MARKER).write_text(json.dumps(meta))
     return path
 
 
 def test_incomplete_or_foreign_checkpoints_are_ignored(tmp_path):
     ckpt = tmp_path / "out.ckpt"
-    assert T.find_checkpoint(ckpt, "job") is None  # no folder at all
+    assert C.find_checkpoint(ckpt, "job") is None  # no folder at all
     good = _fake_checkpoint(ckpt, 2, "job")
     _fake_checkpoint(ckpt, 4, "job", marker=False)  # killed before its marker
     truncated = _fake_checkpoint(ckpt, 6, "job")
     (truncated / "optimizer.bin").write_bytes(b"x" * 3)  # a file shorter than the marker says
     broken = _fake_checkpoint(ckpt, 8, "job")
-    (broken / T.CKPT_MARKER).write_text('{"complete": tr')  # unreadable marker
+    (broken / C.CKPT_MARKER).write_text('{"complete": tr')  # unreadable marker
     _fake_checkpoint(ckpt, 10, "another job")  # other config / data / fold
     tmp = _fake_checkpoint(ckpt, 12, "job")
     tmp.rename(ckpt / ".tmp-step-12")  # written but never renamed into place
-    path, meta = T.find_checkpoint(ckpt, "job")
+    path, meta = C.find_checkpoint(ckpt, "job")
     assert path == good and meta["step"] == 2
     _fake_checkpoint(ckpt, 14, "job")
-    assert T.find_checkpoint(ckpt, "job")[0] == ckpt / "step-14"
+    assert C.find_checkpoint(ckpt, "job")[0] == ckpt / "step-14"
 
 
 def test_fingerprint_follows_config_data_and_fold_but_not_the_interval(tmp_path):
@@ -162,13 +162,13 @@ def test_fingerprint_follows_config_data_and_fold_but_not_the_interval(tmp_path)
 
     data = tmp_path / "d.parquet"
     data.write_bytes(b"rows")
-    base = T.job_fingerprint(load_config(CONFIG), data, 0, 1)
-    assert T.job_fingerprint(load_config(CONFIG, ["training.checkpoint_every_steps=5"]), data, 0, 1) == base
-    assert T.job_fingerprint(load_config(CONFIG, ["training.lr=1e-5"]), data, 0, 1) != base
-    assert T.job_fingerprint(load_config(CONFIG), data, 1, 1) != base
-    assert T.job_fingerprint(load_config(CONFIG), data, 0, 2) != base
+    base = C.job_fingerprint(load_config(CONFIG), data, 0, 1)
+    assert C.job_fingerprint(load_config(CONFIG, ["training.checkpoint_every_steps=5"]), data, 0, 1) == base
+    assert C.job_fingerprint(load_config(CONFIG, ["training.lr=1e-5"]), data, 0, 1) != base
+    assert C.job_fingerprint(load_config(CONFIG), data, 1, 1) != base
+    assert C.job_fingerprint(load_config(CONFIG), data, 0, 2) != base
     data.write_bytes(b"other rows")
-    assert T.job_fingerprint(load_config(CONFIG), data, 0, 1) != base
+    assert C.job_fingerprint(load_config(CONFIG), data, 0, 1) != base
 
 
 def test_features_family_accepts_and_ignores_the_setting():

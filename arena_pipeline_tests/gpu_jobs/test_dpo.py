@@ -139,7 +139,7 @@ def test_dpo_steps_move_the_margin_toward_the_chosen_answers_and_lower_the_loss(
 def test_an_interrupted_fit_resumes_from_its_checkpoint_and_continues_as_if_never_stopped(tmp_path):
     from accelerate.utils import set_seed
 
-    from gpu_jobs.train import Checkpointer
+    from gpu_jobs.checkpoint import Checkpointer
 
     frame = preference_rows()
     cfg = load_config(CONFIG, TINY + [

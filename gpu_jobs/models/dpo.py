@@ -346,11 +346,11 @@ class DPOFamily:
 
         from tqdm.auto import tqdm
 
-        from gpu_jobs.train import _restore_rng, fresh_start, stop_requested
+        from gpu_jobs.checkpoint import fresh_start, restore_rng, stop_requested
 
         r = checkpointer.resume(model, history_path, log, per_rank) if checkpointer is not None else fresh_start()
         if r["rng"] is not None:  # the batch order is seeded per epoch (numpy); the global RNGs drive dropout
-            _restore_rng(r["rng"])
+            restore_rng(r["rng"])
         step, seen, step_losses, prior_train_s = r["step"], r["seen"], r["losses"], r["train_s"]
         history = open(history_path, "a" if step else "w") if history_path is not None else None
         bar = tqdm(total=total_steps, initial=step, desc=f"dpo {cfg.name}",
