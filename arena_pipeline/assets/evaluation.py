@@ -35,6 +35,8 @@ from gpu_jobs.contract.schema import PROB_COLUMNS
 EM_ROW = "+ tie prior re-estimated by EM on this file"
 HELD_OUT_FOLD = 99  # the validation "fold" of a LOSO training job
 PROBS = list(PROB_COLUMNS)
+# LLMBar's natural human-preference sets vs its adversarial ones (the worse answer built to look better)
+DEFAULT_PARTS = {"llmbar": {"natural": "^(?!.*Adversarial)", "adversarial": "Adversarial"}}
 
 
 def loso_split(processed: pd.DataFrame, source: str) -> pd.DataFrame:
@@ -129,6 +131,15 @@ def tie_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def part_masks(held: pd.DataFrame, patterns: dict[str, str]) -> dict[str, np.ndarray]:
+    """Rows of a held-out source whose ``subset`` matches each part's regex (parts with no rows left out)."""
+    if not patterns or "subset" not in held.columns:
+        return {}
+    subsets = held["subset"].fillna("").astype(str)
+    masks = {name: subsets.str.contains(pattern, regex=True).to_numpy() for name, pattern in patterns.items()}
+    return {name: mask for name, mask in masks.items() if mask.any()}
+
+
 def subset_rows(held: pd.DataFrame, y: np.ndarray, predictions: dict[str, np.ndarray]) -> list[dict]:
     """Log loss and accuracy of each prediction on each value of the held-out rows' ``subset`` column.
 
@@ -154,17 +165,33 @@ def subset_table(source: str, rows: list[dict], name: str) -> str:
 
 
 def markdown_table(results: dict[str, dict]) -> str:
-    sources = list(results)
-    lines = ["| variant | " + " | ".join(f"{s} log loss | {s} acc" for s in sources) + " |",
-             "|---|" + "---|---|" * len(sources)]
-    variants = [r["variant"] for r in results[sources[0]]["ablation"]]
+    """One column pair (log loss, accuracy) per source and per part of a source, one line per variant."""
+    columns = {}
+    for source, r in results.items():
+        columns[source] = r["ablation"]
+        columns.update({f"{source} {name}": part["ablation"] for name, part in r.get("parts", {}).items()})
+    lines = ["| variant | " + " | ".join(f"{c} log loss | {c} acc" for c in columns) + " |",
+             "|---|" + "---|---|" * len(columns)]
+    variants = [r["variant"] for r in next(iter(columns.values()))]
     for variant in variants:
         cells = []
-        for s in sources:
-            found = next((r for r in results[s]["ablation"] if r["variant"] == variant), None)
+        for c in columns:
+            found = next((r for r in columns[c] if r["variant"] == variant), None)
             cells += [f"{found['log_loss']:.4f}", f"{found['accuracy']:.3f}"] if found else ["", ""]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def loso_members(profile: Profile) -> tuple[list, dict[str, str]]:
+    """The members LOSO retrains, and those it leaves out with the reason.
+
+    A distillation student is left out: its soft targets are nested teacher predictions per arena fold, and a LOSO
+    training set (every row but the held-out source) has no such targets, so its job would train the student as a
+    plain model on the human labels and the row would be mislabelled. The blend rows renormalise the other weights.
+    """
+    left_out = {m.name: f"distillation student of {list(m.distill.teacher)}: LOSO has no nested teacher targets for "
+                        "its training rows, so it is not retrained here" for m in profile.models if m.distill}
+    return [m for m in profile.models if m.name not in left_out], left_out
 
 
 def held_out_predictions(storage: ArenaStorage, profile: Profile, frame: pd.DataFrame, source: str,
@@ -199,12 +226,17 @@ def stage1_fit_rows(storage: ArenaStorage, profile: Profile, processed: pd.DataF
             "y": label_index(processed.set_index("id").loc[oof["id"]].reset_index())}
 
 
-def loso_report(held_out: dict[str, dict], stage1: dict, plots_dir: Path) -> tuple[dict[str, dict], dict[str, Path]]:
+def loso_report(held_out: dict[str, dict], stage1: dict, plots_dir: Path,
+                parts: dict[str, dict[str, str]] | None = None) -> tuple[dict[str, dict], dict[str, Path]]:
     """Score every held-out source: the bundle, the ablation rows, the calibration maps, subsets, reliability.
+
+    ``parts`` (source -> part name -> regex on the ``subset`` column) gives a source's whole ablation again on
+    each part of its rows (``results[source]["parts"]``, and a column each in the markdown table).
 
     The maps are fitted on the stage-1 OOF rows (arena-bench fold 0) or, for the shrinkage weight, on the other
     held-out sources; nothing is fitted on the source it is scored on except EM's own estimate of its tie rate,
     which uses no labels."""
+    parts = DEFAULT_PARTS if parts is None else parts
     spec, stage1_p, stage1_y = stage1["spec"], stage1["p"], stage1["y"]
     tie_bias = ens.fit_tie_bias(stage1_p, stage1_y)
     tie_model = cal.DavidsonTieModel.fit(stage1_p, stage1_y)
@@ -221,10 +253,17 @@ def loso_report(held_out: dict[str, dict], stage1: dict, plots_dir: Path) -> tup
         # confidence control chosen out of source: on the other held-out sources and the stage-1 OOF rows
         others = {s: (o["y"], o["final"]) for s, o in held_out.items() if s != source}
         shrink_weight, shrink_curve = cal.choose_shrinkage({**others, "stage1_oof": (stage1_y, stage1_p)}, train_tie)
-        calibrated, em = calibration_rows(y, final, tie_model, train_tie, shrink_weight)
-        if stacker is not None:
-            calibrated.append(_row("Davidson stacker over the members (fitted on stage-1 OOF)", y,
-                                   stacker.apply([members[n] for n in stacked])))
+        def variant_rows(mask: np.ndarray) -> tuple[list[dict], dict]:
+            """Every ablation and calibration row on the rows in ``mask`` (EM sees only those rows' probabilities)."""
+            part = {n: p[mask] for n, p in members.items()}
+            calibrated, em = calibration_rows(y[mask], final[mask], tie_model, train_tie, shrink_weight)
+            if stacker is not None:
+                calibrated.append(_row("Davidson stacker over the members (fitted on stage-1 OOF)", y[mask],
+                                       stacker.apply([part[n] for n in stacked])))
+            return ablation_rows(y[mask], part, weights, spec["temperature"], tie_bias) + calibrated, em
+
+        rows, em = variant_rows(np.ones(len(y), dtype=bool))
+        by_part = {name: (mask, variant_rows(mask)[0]) for name, mask in part_masks(held, parts.get(source, {})).items()}
         # the bundle's verdict on each pair vs its verdict on the same pair with A and B swapped
         final_swapped = ens.apply_temperature(ens.blend(swapped_members(members), weights), spec["temperature"])
         pngs[source] = plots.reliability_diagram(y, final, plots_dir / f"loso_{source}_reliability.png",
@@ -236,7 +275,8 @@ def loso_report(held_out: dict[str, dict], stage1: dict, plots_dir: Path) -> tup
             "member_swap_consistency": h["consistency"],
             "tie_rate_true": float(np.mean(y == 2)), "tie_rate_predicted_mean": float(final[:, 2].mean()),
             "train_class_prior_log_loss": ens.log_loss3(y, np.tile(h["prior"], (len(y), 1))),
-            "ablation": ablation_rows(y, members, weights, spec["temperature"], tie_bias) + calibrated,
+            "ablation": rows,
+            "parts": {name: {"rows": int(mask.sum()), "ablation": part_rows} for name, (mask, part_rows) in by_part.items()},
             "tie_prior_em": em, "davidson_tie_model": tie_model.to_dict(),
             "davidson_stacker": {"members": stacked, **(stacker.to_dict() if stacker else {})},
             "shrinkage": {"weight": shrink_weight, "chosen_on": sorted(others) + ["stage1_oof"], "curve": shrink_curve},
@@ -256,22 +296,28 @@ def report_markdown(results: dict[str, dict]) -> str:
 def build_evaluation_asset(profile: Profile) -> dg.AssetsDefinition:
     class LosoConfig(dg.Config):
         sources: list[str] = ["pandalm_testset_v1", "llmbar"]
+        # source -> part -> regex on its `subset` column: the ablation again on each part's rows
+        parts: dict[str, dict[str, str]] = DEFAULT_PARTS
 
     @dg.asset(group_name="evaluation", deps=["stage1_ensemble"], pool="gpu", kinds={"pytorch"},
               description="Leave-one-source-out evaluation of the stage-1 recipe on human-labelled sources.")
     def loso_evaluation(context: dg.AssetExecutionContext, config: LosoConfig, storage: ArenaStorage,
                         launcher: Launcher, mlflow: MlflowTracking, processed_folds: Path):
         processed = pd.read_parquet(processed_folds)
+        members, left_out = loso_members(profile)
+        for name, reason in left_out.items():
+            context.log.warning(f"LOSO leaves out {name}: {reason}")
         held_out: dict[str, dict] = {}
         for source in config.sources:
             frame = loso_split(processed, source)
             data = atomic_write_parquet(frame, storage.scratch("loso") / f"{source}.parquet")
-            for model_spec in profile.models:
+            for model_spec in members:
                 out = storage.root / "loso" / source / model_spec.name
                 launcher.run(context, "gpu_jobs.train", job_args(model_spec, HELD_OUT_FOLD, data, out, {"tta": True}),
                              extras={"loso_source": source, "model": model_spec.name}, **model_spec.launch_options)
-            held_out[source] = held_out_predictions(storage, profile, frame, source)
-        results, pngs = loso_report(held_out, stage1_fit_rows(storage, profile, processed), storage.scratch("plots"))
+            held_out[source] = held_out_predictions(storage, profile, frame, source, [m.name for m in members])
+        results, pngs = loso_report(held_out, stage1_fit_rows(storage, profile, processed), storage.scratch("plots"),
+                                    config.parts)
         metadata: dict = {}
         for source, r in results.items():
             metadata[f"{source}_log_loss"] = r["log_loss"]
@@ -282,6 +328,8 @@ def build_evaluation_asset(profile: Profile) -> dg.AssetsDefinition:
                              f"true {r['tie_rate_true']:.3f}, bundle {r['tie_rate_predicted_mean']:.3f}, EM estimate "
                              f"{r['tie_prior_em']['tie_prior_estimated']:.3f}; shrinkage weight chosen elsewhere "
                              f"{r['shrinkage']['weight']:.2f}")
+        for r in results.values():
+            r["left_out"] = left_out
         table = report_markdown(results)
         atomic_write_json(results, storage.root / "loso" / "results.json")
         (storage.root / "loso" / "ablation.md").write_text(table + "\n")

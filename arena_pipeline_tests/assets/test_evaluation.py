@@ -9,8 +9,9 @@ import pytest
 
 from arena_pipeline import calibration as cal
 from arena_pipeline import blending as ens
-from arena_pipeline.assets.evaluation import (HELD_OUT_FOLD, calibration_rows, leave_one_member_out_rows, loso_split,
-                                              subset_rows, subset_table,
+from arena_pipeline.assets.evaluation import (DEFAULT_PARTS, HELD_OUT_FOLD, calibration_rows, leave_one_member_out_rows,
+                                              loso_members, loso_report, loso_split, markdown_table, part_masks, subset_rows,
+                                              subset_table,
                                               swap_consistency, swapped_members)
 from arena_pipeline.profile import SMOKE
 
@@ -91,6 +92,8 @@ def test_loso_evaluation_on_smoke_run(smoke_run, monkeypatch):
     by_subset = results["llmbar"]["by_subset"]  # LLMBar rows carry their subset; PandaLM rows have none
     assert by_subset and sum(r["rows"] for r in by_subset) == results["llmbar"]["rows"]
     assert {"bundle", "stage1/features"} <= set(by_subset[0]) and results["pandalm_testset_v1"]["by_subset"] == []
+    assert results["pandalm_testset_v1"]["parts"] == {}  # the default parts split LLMBar only
+    assert sum(part["rows"] for part in results["llmbar"]["parts"].values()) == results["llmbar"]["rows"]
     table = (smoke_run["storage"].root / "loso" / "ablation.md").read_text()
     assert table.startswith("| variant |") and "fitted blend" in table and "| llmbar subset |" in table
     assert "| source | tie rate (true) |" in table
@@ -124,3 +127,49 @@ def test_calibration_rows_score_each_map_on_the_held_out_rows():
     assert davidson["log_loss"] == pytest.approx(ens.log_loss3(y, p), abs=1e-9)
     assert shrunk["log_loss"] == pytest.approx(ens.log_loss3(y, p), abs=1e-9)
     assert shrunk["tie_predicted_mean"] == pytest.approx(p[:, 2].mean())
+
+
+def test_llmbar_natural_and_adversarial_parts_get_the_whole_ablation(tmp_path):
+    """The default parts split LLMBar by its subset names; each part's rows are the source's rows scored on it."""
+    rng = np.random.default_rng(2)
+    subsets = ["LLMBar/Natural", "Processed/MT-Bench", "LLMBar/Adversarial/Neighbor", "LLMBar/Adversarial/GPTInst"] * 30
+    held = pd.DataFrame({"subset": subsets})
+    masks = part_masks(held, DEFAULT_PARTS["llmbar"])
+    assert masks["natural"].sum() == 60 and masks["adversarial"].sum() == 60
+    assert not (masks["natural"] & masks["adversarial"]).any()
+    assert part_masks(pd.DataFrame({"x": [1]}), DEFAULT_PARTS["llmbar"]) == {}  # no subset column: no parts
+
+    y = rng.integers(0, 2, len(held))  # A or B, no ties, like LLMBar
+    members = {"stage1/a": rng.dirichlet([2, 2, 1], size=len(y)), "stage1/b": rng.dirichlet([2, 2, 1], size=len(y))}
+    held_out = {"llmbar": {"held": held, "y": y, "members": members, "consistency": {}, "prior": np.ones(3) / 3}}
+    oof_y = rng.integers(0, 3, 200)
+    stage1 = {"spec": {"weights": {"stage1/a": 0.7, "stage1/b": 0.3}, "temperature": 1.0},
+              "p": rng.dirichlet([3, 3, 2], size=200), "y": oof_y,
+              "members": {"stage1/a": rng.dirichlet([2, 2, 1], size=200)}}
+    results, _ = loso_report(held_out, stage1, tmp_path)
+    parts = results["llmbar"]["parts"]
+    assert {name: part["rows"] for name, part in parts.items()} == {"natural": 60, "adversarial": 60}
+    whole = [r["variant"] for r in results["llmbar"]["ablation"]]
+    for name, part in parts.items():
+        assert [r["variant"] for r in part["ablation"]] == whole
+        row = next(r for r in part["ablation"] if r["variant"] == "member stage1/b")
+        assert row["log_loss"] == pytest.approx(ens.log_loss3(y[masks[name]], members["stage1/b"][masks[name]]))
+    header = markdown_table(results).splitlines()[0]
+    assert "| llmbar natural log loss | llmbar natural acc | llmbar adversarial log loss |" in header
+    # no parts asked for: the source alone
+    assert loso_report(held_out, stage1, tmp_path, parts={})[0]["llmbar"]["parts"] == {}
+
+
+def test_a_distillation_student_is_left_out_of_loso_with_its_reason():
+    """A LOSO training set has no nested teacher targets: the student would train as a plain model under its name."""
+    from pathlib import Path
+
+    from arena_pipeline.profile import load_profile
+
+    profile = load_profile(str(Path(__file__).parent / "profiles" / "distill_smoke.yaml"))
+    students = {m.name for m in profile.models if m.distill}
+    members, left_out = loso_members(profile)
+    assert students and set(left_out) == students
+    assert {m.name for m in members} == {m.name for m in profile.models} - students
+    assert all("nested teacher targets" in reason for reason in left_out.values())
+    assert loso_members(SMOKE) == (list(SMOKE.models), {})
