@@ -45,6 +45,19 @@ def test_the_shipped_profiles_are_yaml_files():
     assert get_profile("smoke") == PROFILES["smoke"]
 
 
+def test_the_benchmark_profiles_load_on_the_demo_data():
+    """benchmarks/profiles/*.yaml are user profiles the README runs (the families' LOSO rows): they must keep
+    loading, and measure on the demo's data, folds and seed so their figures compare with the demo's."""
+    paths = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "profiles").glob("*.yaml"))
+    assert paths
+    demo = PROFILES["demo"]
+    for path in paths:
+        profile = load_profile(str(path))
+        assert (profile.data, profile.folds, profile.seed, profile.max_labelled_rows) == \
+            (demo.data, demo.folds, demo.seed, demo.max_labelled_rows), path.name
+        assert {m.family.name for m in profile.models} >= {"features"}
+
+
 def test_a_user_profile_builds_the_definitions_and_runs_a_job_with_no_code_change(tmp_path, monkeypatch):
     from accelerate.state import AcceleratorState
 
