@@ -131,11 +131,16 @@ def tie_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def subset_labels(held: pd.DataFrame) -> pd.Series | None:
+    """The held-out rows' ``subset`` column as strings ("" where empty), or None where the source has none."""
+    return held["subset"].fillna("").astype(str) if "subset" in held.columns else None
+
+
 def part_masks(held: pd.DataFrame, patterns: dict[str, str]) -> dict[str, np.ndarray]:
     """Rows of a held-out source whose ``subset`` matches each part's regex (parts with no rows left out)."""
-    if not patterns or "subset" not in held.columns:
+    subsets = subset_labels(held)
+    if not patterns or subsets is None:
         return {}
-    subsets = held["subset"].fillna("").astype(str)
     masks = {name: subsets.str.contains(pattern, regex=True).to_numpy() for name, pattern in patterns.items()}
     return {name: mask for name, mask in masks.items() if mask.any()}
 
@@ -145,9 +150,10 @@ def subset_rows(held: pd.DataFrame, y: np.ndarray, predictions: dict[str, np.nda
 
     Rows without a subset (the column missing or empty) are not broken down: an empty list.
     """
-    if "subset" not in held.columns:
+    labels = subset_labels(held)
+    if labels is None:
         return []
-    subsets = held["subset"].fillna("").astype(str).to_numpy()
+    subsets = labels.to_numpy()
     rows = []
     for subset in sorted(set(subsets) - {""}):
         mask = subsets == subset
