@@ -31,6 +31,7 @@ from arena_pipeline import calibration as cal
 from arena_pipeline import blending as ens
 from gpu_jobs.contract.atomic import publish_dir
 from gpu_jobs.contract.schema import LABEL_COLUMNS
+from gpu_jobs.contract.ties import ties_possible, without_tie
 
 SUBMISSION_COLUMNS = list(LABEL_COLUMNS)  # the Kaggle submission names the probabilities so
 
@@ -137,7 +138,8 @@ def score_frame(bundle_dir: Path, frame: pd.DataFrame, progress=None, predict: P
             if f"{m['stage']}/{m['model']}" == key:
                 probs[m["name"]] = np.mean(swapped if m["tta"] else plain, axis=0)
     blended = ens.apply_temperature(ens.blend(probs, weights), manifest["temperature"])
-    return blended / blended.sum(axis=1, keepdims=True)
+    # rows whose labelling has no tie (a ties_possible = false column in the scored file) get none
+    return without_tie(blended / blended.sum(axis=1, keepdims=True), ~ties_possible(frame, "the scored file"))
 
 
 def training_tie_rate(manifest: dict, bundle_dir: Path) -> float:

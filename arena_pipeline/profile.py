@@ -149,6 +149,9 @@ class DataSpec:
     unlabelled: tuple[str, ...] = (str(SHIPPED / "arena_bench_unlabelled.parquet"),)
     prompts: str = str(SHIPPED / "arena_bench_prompts.parquet")
     answers: str = str(SHIPPED / "arena_bench_answers.parquet")
+    # sources whose labels cannot be a tie (no tie option, or ties removed: LLMBar): their rows get
+    # ties_possible = false, so they teach A vs B only and are scored without a tie (gpu_jobs/contract/ties.py)
+    tie_free_sources: tuple[str, ...] = ("llmbar",)
 
 
 @dataclass(frozen=True, config=_FROZEN)

@@ -99,6 +99,13 @@ def test_bundle_reproduces_pipeline_predictions(smoke_run):
     # and the numbers mean something: the blend's loss on these rows is what the ensemble reported
     spec = json.loads(storage.ensemble("final_ensemble").read_text())
     assert ens.log_loss3(label_index(rows), probs) == pytest.approx(spec["fitted_blend_log_loss_in_sample"], abs=1e-4)
+    # rows whose labelling has no tie (ties_possible = false in the scored file) are scored without one
+    no_tie = rows.assign(ties_possible=np.arange(len(rows)) % 2 == 0)
+    conditioned = score_frame(storage.bundle_dir, no_tie)
+    odd = np.arange(len(rows)) % 2 == 1
+    np.testing.assert_allclose(conditioned[~odd], probs[~odd], atol=1e-12)
+    assert np.all(conditioned[odd, 2] == 0)
+    np.testing.assert_allclose(conditioned[odd, 0] / conditioned[odd, 1], probs[odd, 0] / probs[odd, 1], rtol=1e-9)
 
 
 def test_stage1_metadata_and_mlflow_runs(smoke_run):

@@ -31,8 +31,11 @@ def demo_folds(out: Path) -> Path:
     path = out / "processed_folds.parquet"
     if path.exists():
         return path
-    labelled, _ = load_clean(list(DEMO.data.labelled), labelled=True, limit=DEMO.max_labelled_rows, seed=DEMO.seed)
-    external, _ = load_clean(list(DEMO.data.external), labelled=True, limit=DEMO.max_external_rows, seed=DEMO.seed)
+    marks = {"tie_free_sources": DEMO.data.tie_free_sources}
+    labelled, _ = load_clean(list(DEMO.data.labelled), labelled=True, limit=DEMO.max_labelled_rows, seed=DEMO.seed,
+                             **marks)
+    external, _ = load_clean(list(DEMO.data.external), labelled=True, limit=DEMO.max_external_rows, seed=DEMO.seed,
+                             **marks)
     frame, _ = build_processed(labelled, [external] if len(external) else [], n_folds=DEMO.n_folds, seed=DEMO.seed)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(path)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from arena_pipeline.data.clean import prompt_group  # noqa: E402
 from gpu_jobs.contract import LABEL_COLUMNS, SWAP_PERMUTATION, log_loss, parse_turns, swap_frame  # noqa: E402
+from gpu_jobs.contract.ties import TIES_COLUMN, ties_possible, without_tie  # noqa: E402
 from gpu_jobs.models.features import FeaturesConfig, FeaturesModel  # noqa: E402
 
 DATA = ROOT / "data" / "shipped"
@@ -123,9 +124,13 @@ TRAIN_VARIANTS = {"plain": _plain, "votes": _vote_soft_labels, "margin": _margin
                   "offprompt": _with_offprompt}
 
 
-def load(all_pairs: bool = False) -> dict[str, pd.DataFrame]:
-    """The three labelled sets; with ``all_pairs`` the arena-bench pairs are every within-prompt answer pair."""
+def load(all_pairs: bool = False, tie_protocol: bool = True) -> dict[str, pd.DataFrame]:
+    """The three labelled sets; with ``all_pairs`` the arena-bench pairs are every within-prompt answer pair.
+    With ``tie_protocol`` LLMBar's rows carry ``ties_possible = False`` (its ties were removed), as the
+    pipeline's default profile data marks them: they train on A vs B only and are scored without a tie."""
     frames = {n: pd.read_parquet(DATA / f"{n}.parquet") for n in ("arena_bench_pairs", "llmbar", "pandalm_test")}
+    if tie_protocol:
+        frames["llmbar"][TIES_COLUMN] = False
     if all_pairs:
         from arena_pipeline.data.pairs import answer_pairs
 
@@ -166,7 +171,8 @@ def arena_cv(cfg_dict: dict, frames: dict[str, pd.DataFrame], n_splits: int = 5)
 
 
 def _scores(y: np.ndarray, p: np.ndarray) -> dict:
-    return {"log_loss": log_loss(y, p), "accuracy": float(np.mean(p.argmax(1) == y)), "rows": len(y)}
+    return {"log_loss": log_loss(y, p), "accuracy": float(np.mean(p.argmax(1) == y)), "rows": len(y),
+            "mean_tie": float(p[:, 2].mean())}
 
 
 def evaluate(cfg_dict: dict, frames: dict[str, pd.DataFrame], verbose: bool = True, with_arena_cv: bool = False,
@@ -183,15 +189,18 @@ def evaluate(cfg_dict: dict, frames: dict[str, pd.DataFrame], verbose: bool = Tr
         model.fit(train, targets, sample_weight=weights)
         fit_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        p = model.predict_proba(test)
+        p_model = model.predict_proba(test)
         pred_s = time.perf_counter() - t0
-        ps = model.predict_proba(swap_frame(test))[:, SWAP_PERMUTATION]
+        no_tie = ~ties_possible(test, test_name)
+        p = without_tie(p_model, no_tie)  # a source that cannot have ties is scored without one
+        ps = without_tie(model.predict_proba(swap_frame(test))[:, SWAP_PERMUTATION], no_tie)
         y = test[LABELS].to_numpy().argmax(1)
         prior = train[LABELS].to_numpy(float).mean(0)
         out[test_name] = {
             **_scores(y, p),
             "prior_log_loss": log_loss(y, np.tile(prior, (len(y), 1))),
             "swap_max_abs_diff": float(np.abs(p - ps).max()),
+            "model_mean_tie": float(p_model[:, 2].mean()),
             "n_train": len(train),
             "fit_s": fit_s,
             "predict_s": pred_s,
@@ -211,7 +220,7 @@ def evaluate(cfg_dict: dict, frames: dict[str, pd.DataFrame], verbose: bool = Tr
             print(
                 f"  {k:13s} log_loss {v['log_loss']:.4f}  acc {v['accuracy']:.3f}  (prior {v['prior_log_loss']:.4f})"
                 f"  swap |dp| {v['swap_max_abs_diff']:.1e}  n_train {v['n_train']}  fit {v['fit_s']:.1f}s"
-                f"  predict {v['predict_s']:.1f}s",
+                f"  predict {v['predict_s']:.1f}s  mean tie {v['model_mean_tie']:.3f}",
                 flush=True,
             )
             for part in ("natural", "adversarial"):
@@ -229,6 +238,8 @@ def main() -> None:
     ap.add_argument("--only", action="append", default=[], help="run only these variants")
     ap.add_argument("--all-pairs", action="store_true",
                     help="train on every within-prompt pair of arena_bench_answers instead of arena_bench_pairs")
+    ap.add_argument("--ignore-tie-protocol", action="store_true",
+                    help="read LLMBar's labels as if ties had been possible (the behaviour before ties_possible)")
     ap.add_argument("--arena-cv", action="store_true", help="also 5-fold CV on arena_bench_pairs grouped by question")
     ap.add_argument("--train", default="plain", choices=sorted(TRAIN_VARIANTS),
                     help="training-data variant: PandaLM vote soft labels, arena score-margin soft labels, "
@@ -241,7 +252,7 @@ def main() -> None:
     for item in args.set:
         k, v = item.split("=", 1)
         base[k] = yaml.safe_load(v)
-    frames = load(args.all_pairs)
+    frames = load(args.all_pairs, tie_protocol=not args.ignore_tie_protocol)
     names = list(VARIANTS) if args.variants else (args.only or ["default"])
     rows = []
     for name in names:

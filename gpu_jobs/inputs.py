@@ -19,6 +19,7 @@ import torch
 
 from gpu_jobs.contract import schema
 from gpu_jobs.contract.swap import SWAP_PERMUTATION, swap_frame  # noqa: F401  (the jobs' D.swap_frame)
+from gpu_jobs.contract.ties import ties_possible  # noqa: F401  (the jobs' D.ties_possible)
 from gpu_jobs.contract.turns import parse_turns
 
 # the contract's column names as lists (pandas indexes with lists; tuples would be one key)

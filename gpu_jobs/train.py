@@ -79,10 +79,19 @@ def parse_predict_specs(specs: list[str]) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------------------ pieces
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                       tie_free: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy with probability targets (one-hot human labels or soft pseudo labels), weighted mean over
-    rows (``F.cross_entropy`` weights classes, not rows: the per-row losses are weighted here)."""
-    per_row = F.cross_entropy(logits.float(), targets, reduction="none")
+    rows (``F.cross_entropy`` weights classes, not rows: the per-row losses are weighted here). Rows where
+    ``tie_free`` is True could not be labelled a tie (``gpu_jobs/contract/ties.py``): their tie logit is masked,
+    so they cost -log P(y | not tie) and teach A vs B only."""
+    logits = logits.float()
+    if tie_free is not None:
+        tie_column = tie_free[:, None] & (torch.arange(3, device=logits.device) == 2)
+        logits = logits.masked_fill(tie_column, -1e4)
+        targets = targets.masked_fill(tie_column, 0.0)  # soft targets (a teacher's) keep their A : B only
+        targets = targets / targets.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    per_row = F.cross_entropy(logits, targets, reduction="none")
     return (per_row * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
@@ -157,6 +166,8 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
     sampler_cls = D.LengthGroupedBatchSampler if t.group_by_length else D.RandomBatchSampler
     sampler = sampler_cls([io.row_length(x) for x in ids], t.batch_size, seed=cfg.seed)
     pad_multiple = 8 if accelerator.device.type == "cuda" else None
+    tie_free = torch.as_tensor(~D.ties_possible(train_df, "the training rows"))
+    tie_free = tie_free if bool(tie_free.any()) else None  # rows that teach A vs B only (contract.ties)
     loader = DataLoader(D.PairsDataset(ids, y, w), batch_sampler=sampler,
                         collate_fn=io.collator(tokenizer.pad_token_id, pad_multiple))
 
@@ -198,7 +209,8 @@ def fit_neural(cfg, train_df: pd.DataFrame, y: np.ndarray, w: np.ndarray, accele
                 continue
             with accelerator.accumulate(model):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = soft_cross_entropy(logits, batch["targets"], batch["weight"])
+                loss = soft_cross_entropy(logits, batch["targets"], batch["weight"],
+                                          None if tie_free is None else tie_free[batch["index"].cpu()].to(logits.device))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)

@@ -31,6 +31,7 @@ from arena_pipeline.resources.launching import Launcher
 from arena_pipeline.resources.storage import ArenaStorage, atomic_write_json, atomic_write_parquet
 from arena_pipeline.resources.tracking import MlflowTracking
 from gpu_jobs.contract.schema import PROB_COLUMNS
+from gpu_jobs.contract.ties import ties_possible, without_tie
 
 EM_ROW = "+ tie prior re-estimated by EM on this file"
 HELD_OUT_FOLD = 99  # the validation "fold" of a LOSO training job
@@ -205,12 +206,13 @@ def held_out_predictions(storage: ArenaStorage, profile: Profile, frame: pd.Data
     """One held-out source's labels and each stage-1 member's prediction (plain and swapped) from its LOSO job
     (``models``: only these members; default every member of the profile)."""
     held = frame[frame["fold"] == HELD_OUT_FOLD]
+    no_tie = ~ties_possible(held, source)  # a source without ties is scored without one (contract.ties)
     members: dict[str, np.ndarray] = {}
     consistency: dict[str, float] = {}
     for model_spec in (profile.models if models is None else [profile.model(m) for m in models]):
         out = storage.root / "loso" / source / model_spec.name
-        plain = pd.read_parquet(out / "oof.parquet").set_index("id").loc[held["id"], PROBS].to_numpy()
-        swapped = pd.read_parquet(out / "oof_tta.parquet").set_index("id").loc[held["id"], PROBS].to_numpy()
+        plain, swapped = (without_tie(pd.read_parquet(out / name).set_index("id").loc[held["id"], PROBS].to_numpy(),
+                                      no_tie) for name in ("oof.parquet", "oof_tta.parquet"))
         members[f"stage1/{model_spec.name}"] = plain
         members[f"stage1/{model_spec.name}+tta"] = swapped
         consistency[model_spec.name] = swap_consistency(plain, swapped)

@@ -35,13 +35,15 @@ def _cap(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
     return frame.sample(n=limit, random_state=seed).sort_index()
 
 
-def load_clean(paths: list[str], *, labelled: bool, limit: int | None, seed: int) -> tuple[pd.DataFrame, dict]:
-    """Read, clean and cap every file; metadata counts per file stem."""
+def load_clean(paths: list[str], *, labelled: bool, limit: int | None, seed: int,
+               tie_free_sources: tuple[str, ...] = ()) -> tuple[pd.DataFrame, dict]:
+    """Read, clean and cap every file; metadata counts per file stem. Rows of ``tie_free_sources`` (their
+    ``source`` column) get ``ties_possible = False`` unless the file says otherwise."""
     frames, meta = [], {}
     for path in paths:
         stem = Path(path).stem
         raw = read_table(path)
-        cleaned, report = clean_frame(raw, file=str(path), labelled=labelled)
+        cleaned, report = clean_frame(raw, file=str(path), labelled=labelled, tie_free_sources=tie_free_sources)
         capped = _cap(cleaned, limit, seed)
         meta[stem] = {**report.to_metadata(), "rows_after_cap": len(capped)}
         frames.append(capped)
@@ -79,7 +81,7 @@ def build_raw_assets(profile: Profile) -> list[dg.AssetsDefinition]:
         def _asset(context: dg.AssetExecutionContext, config: RawFilesConfig, storage: ArenaStorage):
             paths = list(default_paths) if config.paths is None else config.paths
             frame, per_file = load_clean(paths, labelled=labelled, limit=_limit(config, default_limit),
-                                         seed=profile.seed)
+                                         seed=profile.seed, tie_free_sources=profile.data.tie_free_sources)
             if name == "raw_unlabelled":
                 incoming = sorted(p for p in storage.incoming_dir.iterdir() if p.suffix in {".parquet", ".csv", ".jsonl"})
                 if incoming:

@@ -19,6 +19,7 @@ from gpu_jobs.contract.turns import fix_surrogates as _fix_surrogates
 from gpu_jobs.contract.turns import is_missing as _is_missing
 from gpu_jobs.contract.turns import parse_turns
 from gpu_jobs.contract.turns import parse_turns_fixes as _parse
+from gpu_jobs.contract.ties import TIES_COLUMN, ties_possible
 
 from arena_pipeline.data.schema import (
     GROUP_COLUMN,
@@ -283,8 +284,28 @@ def _check_labels(df: pd.DataFrame, file: str, ids: pd.Series) -> np.ndarray:
     return labels
 
 
+def _mark_ties(result: pd.DataFrame, file: str, labelled: bool, tie_free_sources: tuple[str, ...]) -> None:
+    """The ``ties_possible`` column, in place: the file's own (validated), else False for tie-free sources."""
+    free = result[SOURCE_COLUMN].isin(list(tie_free_sources)).to_numpy()
+    if TIES_COLUMN not in result.columns and not free.any():
+        return
+    try:
+        possible = ties_possible(result, file) if TIES_COLUMN in result.columns else ~free
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    if labelled:
+        bad = ~possible & (result[LABEL_COLUMNS[2]].to_numpy() == 1)
+        if bad.any():
+            raise DataError(file, f"labelled a tie, but its ties_possible is false ({int(bad.sum())} such rows)",
+                            row_id=result[ID_COLUMN].iloc[int(np.flatnonzero(bad)[0])], column=TIES_COLUMN,
+                            hint="A source without ties cannot have a tie label: fix the label or the column "
+                                 "(or the profile's data.tie_free_sources)")
+    result[TIES_COLUMN] = possible
+
+
 def clean_frame(
-    df: pd.DataFrame, *, file: str, labelled: bool, source: str | None = None, dedupe: bool = True
+    df: pd.DataFrame, *, file: str, labelled: bool, source: str | None = None, dedupe: bool = True,
+    tie_free_sources: tuple[str, ...] = (),
 ) -> tuple[pd.DataFrame, CleaningReport]:
     """Validate and normalise one pair table (Contract 1 layout, without ``fold``).
 
@@ -313,6 +334,10 @@ def clean_frame(
     Row order is kept (first occurrences). ``rows_in - rows_out == sum(removed.values())``.
     ``dedupe=False`` skips de-duplication (every row is kept: scoring a test file must answer every
     id); the removed counts are then 0.
+
+    ``ties_possible`` (``gpu_jobs/contract/ties.py``): a file's own column is validated and made boolean;
+    without one, rows whose source is in ``tie_free_sources`` get False. A row that cannot be a tie but is
+    labelled one is a ``DataError``.
     """
     file = str(file)
     rows_in = len(df)
@@ -448,6 +473,7 @@ def clean_frame(
         if col not in result.columns:
             result[col] = out[col] if all_kept else out[col].iloc[np.flatnonzero(keep)].reset_index(drop=True)
 
+    _mark_ties(result, file, labelled, tie_free_sources)
     report = CleaningReport(rows_in=rows_in, rows_out=len(result), removed=removed, fixed=fixed, flagged=flagged)
     assert report.rows_in - report.rows_out == sum(removed.values())
     return result, report

@@ -304,3 +304,22 @@ def test_data_error_forms():
     pre = DataError("p.parquet: column 'prompt' is missing. Add it.")  # one pre-formatted argument
     assert str(pre) == "p.parquet: column 'prompt' is missing. Add it."
     assert pre.file == "p.parquet" and isinstance(pre, ValueError)
+
+
+# --- clean_frame: ties_possible --------------------------------------------------------------
+
+
+def test_tie_free_sources_are_marked_and_a_file_column_is_validated():
+    rows = [["r1", '["p"]', '["a"]', '["b"]', 1, 0, 0], ["r2", '["p2"]', '["a"]', '["b"]', 0, 0, 1]]
+    frame = _frame(rows).assign(source=["llmbar", "arena"])
+    out, _ = clean_frame(frame, file="mixed.parquet", labelled=True, tie_free_sources=("llmbar",))
+    assert out["ties_possible"].tolist() == [False, True]
+    plain, _ = clean_frame(frame, file="mixed.parquet", labelled=True)
+    assert "ties_possible" not in plain.columns  # nothing declared: the column is not invented
+    own, _ = clean_frame(frame.assign(ties_possible=["no", ""]), file="own.csv", labelled=True,
+                         tie_free_sources=("arena",))  # a file's own column wins over the profile's list
+    assert own["ties_possible"].tolist() == [False, True]
+    with pytest.raises(DataError, match=r"bad\.csv: row id 'r2': column 'ties_possible' must be true or false"):
+        clean_frame(frame.assign(ties_possible=[True, "sometimes"]), file="bad.csv", labelled=True)
+    with pytest.raises(DataError, match=r"tied\.csv: row id=r2: column 'ties_possible': labelled a tie"):
+        clean_frame(frame, file="tied.csv", labelled=True, tie_free_sources=("arena",))

@@ -256,3 +256,34 @@ def test_hgb_runs_and_is_swap_consistent(train, test_rows, tmp_path):
     m.save(tmp_path / "hgb")
     assert (tmp_path / "hgb" / "features_model.skops").exists()
     np.testing.assert_allclose(FeaturesModel.load(tmp_path / "hgb").predict_proba(test_rows), p, atol=1e-12)
+
+
+def test_tie_free_rows_teach_a_versus_b_but_not_the_tie_rate(train):
+    """LLMBar's ties were removed by its authors: as plain labels its rows pull every tie down; marked
+    ``ties_possible = False`` (EM on the conditional likelihood) they leave the tie rate to the rows with ties."""
+    from gpu_jobs.contract.ties import TIES_COLUMN
+
+    llmbar = pd.read_parquet(DATA / "llmbar.parquet").sample(400, random_state=0)
+    mixed = pd.concat([train, llmbar], ignore_index=True)
+    cfg = FeaturesConfig.from_dict({**SMALL, "tfidf_word": False})
+    plain = FeaturesModel(cfg).fit(mixed, mixed[LABELS].to_numpy(float))
+    marked = mixed.assign(**{TIES_COLUMN: [True] * len(train) + [False] * len(llmbar)})
+    conditional = FeaturesModel(cfg).fit(marked, marked[LABELS].to_numpy(float))
+    alone = FeaturesModel(cfg).fit(train, train[LABELS].to_numpy(float))
+    arena_ties = train["winner_tie"].mean()
+    tie_plain, tie_conditional, tie_alone = (m.predict_proba(train)[:, 2].mean() for m in (plain, conditional, alone))
+    assert tie_plain < arena_ties - 0.04  # 400 "never a tie" rows drag it down
+    assert abs(tie_conditional - tie_alone) < 0.02 and abs(tie_conditional - arena_ties) < 0.03
+    assert conditional.fit_info["n_tie_free_rows"] == len(llmbar)
+    # the A-vs-B direction is still learnt from them (better on them than without them, as well as the plain
+    # labels teach it), and the model stays exactly swap-equivariant
+    y = llmbar[LABELS].to_numpy().argmax(1)
+
+    def a_versus_b_loss(model):
+        p = model.predict_proba(llmbar)
+        return -np.mean(np.log(p[np.arange(len(y)), y] / p[:, :2].sum(1)))
+
+    assert a_versus_b_loss(conditional) < a_versus_b_loss(alone) - 0.005
+    assert abs(a_versus_b_loss(conditional) - a_versus_b_loss(plain)) < 0.005
+    p = conditional.predict_proba(llmbar)
+    np.testing.assert_allclose(conditional.predict_proba(swap_frame(llmbar))[:, SWAP_PERMUTATION], p, atol=1e-12)

@@ -179,6 +179,29 @@ def test_soft_cross_entropy_is_the_hand_written_weighted_mean_exactly():
     assert uniform.item() == pytest.approx(np.log(3), abs=1e-6)
 
 
+def test_tie_free_rows_cost_the_conditional_a_versus_b_loss():
+    """A row that cannot be a tie (contract.ties) costs -log p_y / (p_A + p_B), its tie logit gets no gradient,
+    a teacher's tie mass in its soft target is dropped (A : B kept); other rows are unchanged."""
+    import torch
+
+    from gpu_jobs.train import soft_cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 3, requires_grad=True)
+    targets = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0.6, 0.2, 0.2], [1, 0, 0], [0, 0, 1], [0.3, 0.3, 0.4]])
+    free = torch.tensor([True, True, True, False, False, False])
+    weight = torch.ones(6)
+    loss = soft_cross_entropy(logits, targets, weight, free)
+    (grad,) = torch.autograd.grad(loss, logits)
+    ab = torch.log_softmax(logits[:3, :2], dim=-1)
+    conditional = -(torch.tensor([[1.0, 0], [0, 1], [0.75, 0.25]]) * ab).sum(-1)
+    full = -(targets[3:] * torch.log_softmax(logits[3:], dim=-1)).sum(-1)
+    assert loss.item() == pytest.approx(torch.cat([conditional, full]).mean().item(), abs=1e-6)
+    assert torch.all(grad[:3, 2] == 0) and torch.all(grad[3:, 2] != 0)
+    assert soft_cross_entropy(logits, targets, weight, torch.zeros(6, dtype=torch.bool)).item() == pytest.approx(
+        soft_cross_entropy(logits, targets, weight).item(), abs=1e-7)
+
+
 def test_log_losses_match_the_clip_after_normalising_formula():
     """The validation metrics (now gpu_jobs.contract.metrics: clip, then renormalise) agree to 1e-12 with
     the formula train.py used before (normalise, then clip), extreme softmax outputs included (predict_ids

@@ -43,6 +43,7 @@ from pydantic import Field, field_validator, model_validator
 from gpu_jobs.config import Bool, ConfigKeyError, Float, Int, JobConfig, Str, read_yaml, validate_model
 from gpu_jobs.contract.atomic import atomic_path, atomic_write_text
 from gpu_jobs.contract.swap import SWAP_PERMUTATION, swap_frame  # noqa: F401  (re-exported for callers)
+from gpu_jobs.contract.ties import conditional_targets, ties_possible
 from gpu_jobs.models.pair_features import FEATURE_GROUPS, dense_feature_names, dense_features, parse_frame
 
 FAMILY_NAME = "features"
@@ -68,6 +69,8 @@ class FeaturesConfig(JobConfig):
     swap_augment: Bool = True
     symmetrize: Bool = True
     n_threads: Int = Field(1, ge=0)  # BLAS / OpenMP threads while fitting and predicting (0: the libraries' default)
+    # rows with ties_possible = false (gpu_jobs/contract/ties.py) train on P(y | not tie): EM refits after the first
+    tie_free_em_steps: Int = Field(3, ge=0)
     # hand-made features (groups: length, repetition, structure, refusal, quality, overlap, similarity, prompt)
     dense_features: Bool = True
     feature_groups: tuple[Str, ...] = ("length", "repetition", "similarity", "prompt")
@@ -160,6 +163,12 @@ class FeaturesConfig(JobConfig):
 
 def _response_text(turns: list[str], max_chars: int) -> str:
     return "\n\n".join(turns)[:max_chars]
+
+
+def _imputed(targets: np.ndarray, w: np.ndarray, p_tie: np.ndarray, tie_free: np.ndarray):
+    """(targets, weights) with the tie-free rows' removed ties imputed at ``p_tie`` (contract.ties)."""
+    t, factor = conditional_targets(targets, p_tie, tie_free)
+    return t, w * factor
 
 
 class FeaturesModel:
@@ -344,24 +353,21 @@ class FeaturesModel:
             w = np.concatenate([w, w])
         t_feat = time.perf_counter()
 
-        rows = np.repeat(np.arange(X.shape[0]), 3)
-        labels = np.tile(np.arange(3), X.shape[0])
-        weights = (targets * w[:, None]).reshape(-1)
-        keep = weights > 0
-        rows, labels, weights = rows[keep], labels[keep], weights[keep]
-        if len(np.unique(labels)) < 2:
-            raise ValueError("targets put all their mass on one class; need at least two classes to fit")
-        Xe = X[rows]
-        weights = weights * (len(weights) / weights.sum())  # mean weight 1 keeps C's meaning
-        self.estimator = self._make_estimator()
-        self.estimator.fit(Xe, labels, sample_weight=weights)
-        if cfg.model == "logistic":
-            self._complete_classes()
-            if cfg.symmetrize and cfg.swap_augment:
-                self._symmetrize_coefficients()
+        tie_free = ~ties_possible(frame, "features training rows")
+        if cfg.swap_augment:
+            tie_free = np.concatenate([tie_free, tie_free])
+        if tie_free.any():  # conditional likelihood by EM: the removed ties imputed where the model expects them
+            possible = ~tie_free
+            tau = float(np.average(targets[possible, 2], weights=w[possible])) if (w[possible] > 0).any() else 0.0
+            n_design = self._fit_design(X, *_imputed(targets, w, np.full(len(w), tau), tie_free))
+            for _ in range(cfg.tie_free_em_steps):
+                n_design = self._fit_design(X, *_imputed(targets, w, self._design_proba(X)[:, 2], tie_free))
+        else:
+            n_design = self._fit_design(X, targets, w)
         self.fit_info = {
             "n_rows": n,
-            "n_design_rows": int(Xe.shape[0]),
+            "n_tie_free_rows": int(tie_free[:n].sum()),
+            "n_design_rows": n_design,
             "n_features": int(X.shape[1]),
             "n_antisymmetric": int(self.n_anti),
             "parse_s": round(t_parse - t0, 3),
@@ -369,6 +375,31 @@ class FeaturesModel:
             "fit_s": round(time.perf_counter() - t_feat, 3),
         }
         return self
+
+    def _fit_design(self, X, targets: np.ndarray, w: np.ndarray) -> int:
+        """Fit the estimator on design rows ``X`` with soft ``targets``: each row becomes three rows weighted by
+        target x weight. Returns the number of weighted rows."""
+        cfg = self.cfg
+        rows = np.repeat(np.arange(X.shape[0]), 3)
+        labels = np.tile(np.arange(3), X.shape[0])
+        weights = (targets * w[:, None]).reshape(-1)
+        keep = weights > 0
+        rows, labels, weights = rows[keep], labels[keep], weights[keep]
+        if len(np.unique(labels)) < 2:
+            raise ValueError("targets put all their mass on one class; need at least two classes to fit")
+        weights = weights * (len(weights) / weights.sum())  # mean weight 1 keeps C's meaning
+        self.estimator = self._make_estimator()
+        self.estimator.fit(X[rows], labels, sample_weight=weights)
+        if cfg.model == "logistic":
+            self._complete_classes()
+            if cfg.symmetrize and cfg.swap_augment:
+                self._symmetrize_coefficients()
+        return int(len(rows))
+
+    def _design_proba(self, X) -> np.ndarray:
+        full = np.zeros((X.shape[0], 3))
+        full[:, np.asarray(self.estimator.classes_, dtype=int)] = self.estimator.predict_proba(X)
+        return full
 
     def _make_estimator(self):
         cfg = self.cfg
@@ -418,11 +449,7 @@ class FeaturesModel:
         est.intercept_ = np.array([ba, ba, b[2]])
 
     def _predict_parsed(self, parsed) -> np.ndarray:
-        X = self._design(parsed, fit=False)
-        proba = self.estimator.predict_proba(X)
-        full = np.zeros((X.shape[0], 3))
-        full[:, np.asarray(self.estimator.classes_, dtype=int)] = proba
-        return full
+        return self._design_proba(self._design(parsed, fit=False))
 
     def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
         """(n, 3) probabilities: A wins, B wins, tie."""
