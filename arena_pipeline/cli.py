@@ -118,17 +118,21 @@ def cmd_predict(args) -> int:
     bundle = Path(args.bundle) if args.bundle else ArenaStorage().bundle_dir
     if Path(args.output).suffix not in OUTPUT_FORMATS:
         raise InputError(f"--output {args.output}: unknown format; end the name with one of {', '.join(OUTPUT_FORMATS)}")
+    if args.adapt_tie_prior and args.tie_rate is not None:
+        raise InputError("--adapt-tie-prior and --tie-rate: give one (EM estimates the file's tie rate; --tie-rate "
+                         "states it)")
+    adapt = args.adapt_tie_prior or args.tie_rate is not None
     priors = Path(args.output).with_suffix(".priors.json")
     quant_report = Path(args.output).with_suffix(".quantization.json")
     try:
-        refuse_overwrite([("--output", args.output)] + ([("priors report", priors)] if args.adapt_tie_prior else [])
+        refuse_overwrite([("--output", args.output)] + ([("priors report", priors)] if adapt else [])
                          + ([("quantization report", quant_report)] if args.quantize not in (None, "none") else []),
                          [("--input", args.input), ("--bundle", bundle)])
         manifest = load_manifest(bundle)
         quantize = quantize_mode(manifest, args.quantize)
         if quantize != "none":  # the bundle's own mode: its report must not overwrite an input either
             refuse_overwrite([("quantization report", quant_report)], [("--input", args.input), ("--bundle", bundle)])
-        train_tie = training_tie_rate(manifest, bundle) if args.adapt_tie_prior else None
+        train_tie = training_tie_rate(manifest, bundle) if adapt else None
         raw = read_table(args.input)
         frame, _ = clean_frame(raw, file=str(args.input), labelled=False, dedupe=False)
     except (DataError, BundleError, OverwriteError) as err:
@@ -161,6 +165,16 @@ def cmd_predict(args) -> int:
         priors.write_text(json.dumps(em, indent=2) + "\n")
         print(f"tie prior by EM on {args.input}: {em['tie_prior_train']:.3f} (training) -> "
               f"{em['tie_prior_estimated']:.3f} {em['reason']} (report: {priors})")
+    if args.tie_rate is not None:
+        import json
+
+        from arena_pipeline.calibration import with_tie_prior
+
+        probs = with_tie_prior(probs, train_tie, args.tie_rate)
+        priors.write_text(json.dumps({"tie_prior_train": train_tie, "tie_prior_given": args.tie_rate,
+                                      "rows": len(probs), "mean_tie": float(probs[:, 2].mean())}, indent=2) + "\n")
+        print(f"tie prior of {args.input} as given: {train_tie:.3f} (training) -> {args.tie_rate:.3f} "
+              f"(report: {priors})")
     wall = time.time() - start
     out = submission_frame(frame["id"], probs)
     _write_table(out, Path(args.output))
@@ -285,6 +299,16 @@ def _minutes(text: str) -> int:
     return value
 
 
+def _tie_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from arena_pipeline.jobs import JOBS
 
@@ -329,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--adapt-tie-prior", action="store_true",
                          help="re-estimate the file's tie rate by EM on the bundle's own probabilities (A/B kept even; "
                               "needs >= 100 rows) and write the estimate to OUTPUT.priors.json")
+    predict.add_argument("--tie-rate", type=_tie_rate, default=None, metavar="RATE",
+                         help="the tie rate of your labels, when their protocol fixes it (e.g. 0.3 for Chatbot Arena "
+                              "votes; 0: they cannot be ties): the bundle's tie prior moves from its training rate to "
+                              "RATE by Bayes' rule (A/B kept even); written to OUTPUT.priors.json. A file's "
+                              "ties_possible=false column does the same as 0, row by row")
     predict.add_argument("--quantize", choices=("none", "int8", "int4"), default=None,
                          help="score the members quantised: int8 = dynamic int8 for encoders on a CPU, "
                               "bitsandbytes 8-bit decoders on CUDA; int4 = bitsandbytes NF4 decoders on CUDA (CPU: "

@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -93,6 +94,39 @@ def test_predict_adapts_the_tie_prior_and_stays_swap_consistent(smoke_run, tmp_p
     # so its probabilities differ slightly; the A/B-even map itself is exact: test_calibration)
     swapped_report = json.loads((tmp_path / "swapped_scores.priors.json").read_text())
     assert swapped_report["tie_prior_estimated"] == pytest.approx(report["tie_prior_estimated"], abs=0.01)
+
+
+def test_predict_with_a_stated_tie_rate_or_a_ties_possible_column(smoke_run, tmp_path):
+    """--tie-rate moves the bundle's tie prior to the stated rate (Bayes' rule); 0 and a ties_possible=false
+    column both take the tie out and keep A : B; giving --tie-rate with --adapt-tie-prior is refused."""
+    rows = pd.read_parquet(SHIPPED / "pandalm_test.parquet").head(30)
+    cols = ["id", "prompt", "response_a", "response_b"]
+    rows[cols].to_csv(tmp_path / "pairs.csv", index=False)
+    rows[cols].assign(ties_possible=[i % 2 == 0 for i in range(30)]).to_csv(tmp_path / "marked_pairs.csv", index=False)
+    probs = ["winner_model_a", "winner_model_b", "winner_tie"]
+    scores = {}
+    for name, extra, file in (("plain", [], "pairs"), ("rate30", ["--tie-rate", "0.3"], "pairs"),
+                              ("rate0", ["--tie-rate", "0"], "pairs"), ("marked", [], "marked_pairs")):
+        proc = cli(["predict", *extra, "--input", str(tmp_path / f"{file}.csv"), "--output",
+                    str(tmp_path / f"{name}.csv")], smoke_run["home"])
+        assert proc.returncode == 0, proc.stderr
+        scores[name] = pd.read_csv(tmp_path / f"{name}.csv")[probs].to_numpy()
+    report = json.loads((tmp_path / "rate30.priors.json").read_text())
+    assert report["tie_prior_given"] == 0.3 and report["rows"] == 30
+    expected = with_tie_prior(scores["plain"], report["tie_prior_train"], 0.3)
+    assert abs(scores["rate30"] - expected).max() < 1e-6 and scores["rate30"][:, 2].mean() > scores["plain"][:, 2].mean()
+    assert np.all(scores["rate0"][:, 2] < 1e-12)
+    ratio = scores["plain"][:, 0] / scores["plain"][:, 1]
+    np.testing.assert_allclose(scores["rate0"][:, 0] / scores["rate0"][:, 1], ratio, rtol=1e-6)
+    odd = np.arange(30) % 2 == 1
+    np.testing.assert_allclose(scores["marked"][odd], scores["rate0"][odd], atol=1e-6)
+    np.testing.assert_allclose(scores["marked"][~odd], scores["plain"][~odd], atol=1e-6)
+    both = cli(["predict", "--adapt-tie-prior", "--tie-rate", "0.2", "--input", str(tmp_path / "pairs.csv"),
+                "--output", str(tmp_path / "both.csv")], smoke_run["home"])
+    assert both.returncode == 2 and "give one" in one_line(both.stderr) and not (tmp_path / "both.csv").exists()
+    bad = cli(["predict", "--tie-rate", "1.5", "--input", str(tmp_path / "pairs.csv"), "--output",
+               str(tmp_path / "bad.csv")], smoke_run["home"])
+    assert bad.returncode == 2 and "[0, 1)" in bad.stderr
 
 
 @pytest.mark.parametrize("case", ["missing_file", "missing_column", "unknown_bundle"])

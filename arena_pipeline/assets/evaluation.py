@@ -249,8 +249,13 @@ def loso_report(held_out: dict[str, dict], stage1: dict, plots_dir: Path,
     tie_bias = ens.fit_tie_bias(stage1_p, stage1_y)
     tie_model = cal.DavidsonTieModel.fit(stage1_p, stage1_y)
     train_tie = float(stage1_p[:, 2].mean())  # the tie rate the bundle's probabilities assume
-    for h in held_out.values():
+    for source, h in held_out.items():
         h["weights"] = {n: w for n, w in spec["weights"].items() if n in h["members"]}
+        if not any(w > 0 for w in h["weights"].values()):
+            weighted = sorted(n for n, w in spec["weights"].items() if w > 0)
+            raise dg.Failure(f"LOSO {source}: the stage-1 ensemble's weight is all on members LOSO does not retrain "
+                             f"({weighted}; a distillation student is left out, see the warning above), so there is "
+                             "no bundle to score; give a retrained member weight or evaluate the members alone")
         h["final"] = ens.apply_temperature(ens.blend(h["members"], h["weights"]), spec["temperature"])
     stacked = [n for n in stage1["members"] if all(n in h["members"] for h in held_out.values())]
     stacker = cal.DavidsonTieModel.fit([stage1["members"][n] for n in stacked], stage1_y) if stacked else None

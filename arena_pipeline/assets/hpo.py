@@ -72,6 +72,11 @@ def best_config_path(storage: ArenaStorage, model: str) -> Path:
 def build_hpo_asset(spec: ModelSpec, profile: Profile) -> dg.AssetsDefinition:
     name = hpo_asset_name(spec.name)
     family = spec.family.name
+    deps = []
+    if spec.distill:  # a student's trials train on its teacher's soft targets, as its OOF asset does
+        from arena_pipeline.assets.distillation import student_training_data, targets_asset_name
+
+        deps.append(targets_asset_name(spec.name))
 
     class HpoConfig(dg.Config):
         n_trials: int = 3  # trials added by this materialisation (the study keeps the earlier ones)
@@ -80,7 +85,7 @@ def build_hpo_asset(spec: ModelSpec, profile: Profile) -> dg.AssetsDefinition:
         eval_every_steps: int = 0  # score the validation fold every N steps and prune on it (0: no pruning)
         prune_startup_trials: int = 2  # completed trials before the median pruner may stop one
 
-    @dg.asset(name=name, group_name=HPO_STAGE, pool="gpu", kinds={"optuna", "mlflow"},
+    @dg.asset(name=name, group_name=HPO_STAGE, pool="gpu", kinds={"optuna", "mlflow"}, deps=deps,
               tags={"model": spec.name},
               description=f"optuna study of '{spec.name}' ({spec.config}): each trial a `gpu_jobs.train` job on one "
                           "fold and an MLflow child run; stored in the instance's sqlite so it resumes; best config "
@@ -97,7 +102,7 @@ def build_hpo_asset(spec: ModelSpec, profile: Profile) -> dg.AssetsDefinition:
                                     pruner=optuna.pruners.MedianPruner(n_startup_trials=config.prune_startup_trials,
                                                                        n_warmup_steps=0))
         scoring = [f"training.eval_every_steps={config.eval_every_steps}"] if config.eval_every_steps > 0 else []
-        data = processed_folds
+        data = student_training_data(storage, processed_folds, spec.name, config.fold) if spec.distill else processed_folds
         before = len(study.trials)
         for _ in range(config.n_trials):
             trial = study.ask()

@@ -158,6 +158,11 @@ def test_llmbar_natural_and_adversarial_parts_get_the_whole_ablation(tmp_path):
     assert "| llmbar natural log loss | llmbar natural acc | llmbar adversarial log loss |" in header
     # no parts asked for: the source alone
     assert loso_report(held_out, stage1, tmp_path, parts={})[0]["llmbar"]["parts"] == {}
+    # every weight on a member LOSO left out (a student): a specific failure, not the blend's generic one
+    only_student = {**stage1, "spec": {"weights": {"stage1/student": 1.0, "stage1/a": 0.0}, "temperature": 1.0}}
+    with pytest.raises(dg.Failure, match=r"LOSO llmbar: the stage-1 ensemble's weight is all on members LOSO does "
+                                         r"not retrain \(\['stage1/student'\]"):
+        loso_report(held_out, only_student, tmp_path)
 
 
 def test_a_distillation_student_is_left_out_of_loso_with_its_reason():

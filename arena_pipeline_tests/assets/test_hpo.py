@@ -106,3 +106,31 @@ def test_pruning_relay_reports_scores_and_writes_the_stop_file_when_the_pruner_s
         {"kind": "val", "step": 2, "val_log_loss": 1.40}, {"kind": "val", "step": 2, "val_log_loss": 0.80}]
     assert [s for s in seen if isinstance(s, tuple) and "pruned at step 2" in s[1]]
     assert [t.state for t in study.trials][2:] == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE]
+
+
+def test_a_students_trials_train_on_its_teachers_targets(tmp_path):
+    """A distillation student's study depends on its targets asset and launches its trials on the student's data
+    file (as its OOF asset does), never on processed_folds' plain labels: without the targets it stops, naming them."""
+    from arena_pipeline.profile import load_profile
+
+    path = tmp_path / "student.yaml"
+    path.write_text(yaml.safe_dump({
+        "models": [{"name": "features", "config": "features.yaml"},
+                   {"name": "minilm_student", "config": "cross_encoder_minilm.yaml", "distill": {"teacher": ["features"]}}],
+        "n_folds": 3, "max_labelled_rows": 240, "max_external_rows": 60, "max_unlabelled_rows": 48,
+    }))
+    profile = load_profile(str(path))
+    (hpo,) = build_hpo_assets(profile)
+    assert dg.AssetKey("distill_targets_minilm_student") in hpo.asset_deps[hpo.key]
+    storage = ArenaStorage(home=str(tmp_path / "arena"))
+    resources = {"storage": storage, "io_manager": AssetFiles(storage=storage), "launcher": JobLauncher(),
+                 "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")}
+    assert dg.materialize([*build_raw_assets(profile), build_folds_asset(profile)], resources=resources).success
+    result = dg.materialize([dg.AssetSpec("processed_folds"), hpo], resources=resources, selection=[hpo.key],
+                            raise_on_error=False)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = str(failure.event_specific_data.error)
+    assert "minilm_student: no distillation targets for fold" in message and "distill_targets_minilm_student" in message
+    assert not (storage.root / "hpo" / "minilm_student").exists() or not any(
+        (storage.root / "hpo" / "minilm_student").glob("trial*"))  # no trial launched on the plain labels
