@@ -143,11 +143,12 @@ def apply_temperature(p, temperature: float) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def fit_temperature(p, y) -> float:
-    """The temperature in [0.05, 20] minimising log loss (bounded scalar search on log T)."""
+def fit_temperature(p, y, lower: float = _TEMPERATURE_BOUNDS[0]) -> float:
+    """The temperature in [max(lower, 0.05), 20] minimising log loss (bounded scalar search on log T);
+    ``lower`` = 1 allows softening only."""
     p = _probs(p)
     yi = _targets(y, len(p))
-    lo, hi = np.log(_TEMPERATURE_BOUNDS[0]), np.log(_TEMPERATURE_BOUNDS[1])
+    lo, hi = np.log(max(lower, _TEMPERATURE_BOUNDS[0])), np.log(_TEMPERATURE_BOUNDS[1])
     res = minimize_scalar(lambda lt: log_loss3(yi, apply_temperature(p, np.exp(lt))), bounds=(lo, hi),
                           method="bounded", options={"xatol": 1e-6})
     t = float(np.exp(res.x))
@@ -219,8 +220,9 @@ def cross_validated_blend(
     temperature: bool = True,
     groups=None,
     n_trials: int = 200,
+    min_temperature: float = _TEMPERATURE_BOUNDS[0],
 ) -> dict:
-    """Fit weights (+ temperature) on K-1 parts of the rows, score on the held-out part.
+    """Fit weights (+ temperature, at least ``min_temperature``) on K-1 parts of the rows, score on the held-out part.
 
     Splits are stratified on the label (grouped when ``groups``, e.g. the prompt, is given). Returns:
     ``weights`` / ``temperature`` (fitted on all rows), ``in_sample_log_loss`` (that blend on all rows),
@@ -235,7 +237,7 @@ def cross_validated_blend(
     def fit_on(idx: np.ndarray) -> tuple[dict[str, float], float]:
         part = {n: members[n][idx] for n in names}
         w = fit_weights(part, tgt[idx], method=method, seed=seed, n_trials=n_trials)
-        t = fit_temperature(blend(part, w), tgt[idx]) if temperature else 1.0
+        t = fit_temperature(blend(part, w), tgt[idx], lower=min_temperature) if temperature else 1.0
         return w, t
 
     oof = np.zeros((len(yi), 3))

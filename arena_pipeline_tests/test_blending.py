@@ -110,6 +110,11 @@ def test_temperature_over_and_under_confident():
     np.testing.assert_allclose(ens.apply_temperature(over, 1.0), over, atol=1e-12)
     truth = _softmax(logits)
     assert ens.fit_temperature(truth, y) == pytest.approx(1.0, abs=0.1)
+    # a floor of 1 (the profile's min_temperature): softening still fitted, sharpening refused
+    assert ens.fit_temperature(over, y, lower=1.0) == pytest.approx(t_over, rel=1e-3)
+    assert ens.fit_temperature(under, y, lower=1.0) == pytest.approx(1.0, abs=1e-3)
+    cv = ens.cross_validated_blend({"m": under}, y, min_temperature=1.0)
+    assert cv["temperature"] == pytest.approx(1.0, abs=1e-3)
 
 
 def test_tie_bias_recovers_a_shifted_tie_prior():

@@ -58,6 +58,19 @@ def test_the_benchmark_profiles_load_on_the_demo_data():
         assert {m.family.name for m in profile.models} >= {"features"}
 
 
+def test_tie_free_sources_and_min_temperature_from_a_profile_file(tmp_path):
+    """data.tie_free_sources are source names (not made into paths); min_temperature is checked; both default to
+    the shipped choice (LLMBar has no ties; the blend may only soften)."""
+    demo = PROFILES["demo"]
+    assert demo.data.tie_free_sources == ("llmbar",) and demo.min_temperature == 1.0
+    mine = load_profile(str(_write(tmp_path, {"base": "demo", "data": {"tie_free_sources": ["llmbar", "my_forms"]},
+                                              "min_temperature": 0.05})))
+    assert mine.data.tie_free_sources == ("llmbar", "my_forms") and mine.min_temperature == 0.05
+    assert mine.data.labelled == demo.data.labelled
+    with pytest.raises(ValueError, match="min_temperature"):
+        load_profile(str(_write(tmp_path, {"base": "demo", "min_temperature": 0}, "bad.yaml")))
+
+
 def test_a_user_profile_builds_the_definitions_and_runs_a_job_with_no_code_change(tmp_path, monkeypatch):
     from accelerate.state import AcceleratorState
 

@@ -71,9 +71,9 @@ def fit_ensemble(storage: ArenaStorage, processed_folds: Path, profile: Profile,
     probs = {m.name: frame.loc[ids].to_numpy() for m, frame in members.items()}
     weights = ens.fit_weights(probs, y, method=method, seed=profile.seed)
     blended = ens.blend(probs, weights)
-    temperature = ens.fit_temperature(blended, y)
+    temperature = ens.fit_temperature(blended, y, lower=profile.min_temperature)
     final = ens.apply_temperature(blended, temperature)
-    cv = ens.cross_validated_blend(probs, y, seed=profile.seed, method=method)
+    cv = ens.cross_validated_blend(probs, y, seed=profile.seed, method=method, min_temperature=profile.min_temperature)
     member_loss = {n: ens.log_loss3(y, p) for n, p in probs.items()}
     prior = np.bincount(y, minlength=3) / len(y)
     summary = {
