@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from arena_pipeline.data.clean import parse_turns
+from gpu_jobs.contract.ties import TIES_COLUMN, ties_possible
 from arena_pipeline.data.schema import (
     CLASS_NAMES,
     FOLD_COLUMN,
@@ -133,6 +134,8 @@ def build_processed(
     out = pd.concat(parts, ignore_index=True, sort=False)
     for col in LABEL_COLUMNS:
         out[col] = out[col].astype(np.int8)
+    if TIES_COLUMN in out.columns:  # rows of sources without the column: ties were possible (bool, no gaps)
+        out[TIES_COLUMN] = ties_possible(out, "processed_folds")
     out[FOLD_COLUMN] = out[FOLD_COLUMN].astype(np.int64)
     for col in ("model_a", "model_b"):
         if col in out.columns:

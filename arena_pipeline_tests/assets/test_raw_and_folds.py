@@ -46,6 +46,10 @@ def test_data_assets_on_shipped_data(tmp_path):
     assert checks == {"folds_groups_disjoint": True, "folds_label_balance": True, "folds_unique_ids": True}
     frame = pd.read_parquet(storage.data("processed_folds"))
     assert frame.groupby("group")["fold"].nunique().max() == 1
+    # LLMBar (the profile's tie-free source) is marked; every other row may be a tie; a plain bool column
+    assert frame["ties_possible"].dtype == bool
+    assert (~frame["ties_possible"]).sum() == (frame["source"] == "llmbar").sum() > 0
+    assert frame.loc[~frame["ties_possible"], "winner_tie"].sum() == 0
 
 
 def test_user_files_through_run_config(tmp_path):
