@@ -23,8 +23,8 @@ import pandas as pd
 
 TIES_COLUMN = "ties_possible"
 
-_TRUE = {"true", "1", "yes", "t", "y"}
-_FALSE = {"false", "0", "no", "f", "n"}
+_TRUE = {"true", "1", "1.0", "yes", "t", "y", ""}
+_FALSE = {"false", "0", "0.0", "no", "f", "n"}
 
 
 def ties_possible(frame: pd.DataFrame, source: str = "<frame>") -> np.ndarray:
@@ -44,12 +44,10 @@ def ties_possible(frame: pd.DataFrame, source: str = "<frame>") -> np.ndarray:
             out[i] = bool(value)
             continue
         text = str(value).strip().lower()
-        if text in _TRUE or text == "":
+        if text in _TRUE:
             continue
-        if text in _FALSE or text == "0.0":
+        if text in _FALSE:
             out[i] = False
-            continue
-        if text == "1.0":
             continue
         row_id = frame["id"].iloc[i] if "id" in frame.columns else i
         raise ValueError(f"{source}: row id {row_id!r}: column '{TIES_COLUMN}' must be true or false, got {value!r}")
@@ -63,10 +61,8 @@ def without_tie(probs, mask) -> np.ndarray:
     if mask.any():
         ab = p[mask, :2]
         total = ab.sum(axis=1, keepdims=True)
-        even = total[:, 0] <= 0
-        ab = np.where(total > 0, ab / np.where(total > 0, total, 1.0), 0.5)
-        ab[even] = 0.5
-        p[mask, :2], p[mask, 2] = ab, 0.0
+        p[mask, :2] = np.where(total > 0, ab / np.where(total > 0, total, 1.0), 0.5)  # no A/B mass: even
+        p[mask, 2] = 0.0
     return p
 
 
