@@ -156,25 +156,22 @@ def cmd_predict(args) -> int:
         quant_report.write_text(json.dumps({"mode": quantize, "members": records}, indent=2) + "\n")
         methods = sorted({r["method"].split(" (")[0] for r in records.values()})
         print(f"quantize {quantize}: {', '.join(methods)} (report: {quant_report})")
-    if args.adapt_tie_prior:
+    if adapt:
         import json
 
-        from arena_pipeline.calibration import em_tie_prior
+        from arena_pipeline.calibration import em_tie_prior, with_tie_prior
 
-        probs, em = em_tie_prior(probs, train_tie)
-        priors.write_text(json.dumps(em, indent=2) + "\n")
-        print(f"tie prior by EM on {args.input}: {em['tie_prior_train']:.3f} (training) -> "
-              f"{em['tie_prior_estimated']:.3f} {em['reason']} (report: {priors})")
-    if args.tie_rate is not None:
-        import json
-
-        from arena_pipeline.calibration import with_tie_prior
-
-        probs = with_tie_prior(probs, train_tie, args.tie_rate)
-        priors.write_text(json.dumps({"tie_prior_train": train_tie, "tie_prior_given": args.tie_rate,
-                                      "rows": len(probs), "mean_tie": float(probs[:, 2].mean())}, indent=2) + "\n")
-        print(f"tie prior of {args.input} as given: {train_tie:.3f} (training) -> {args.tie_rate:.3f} "
-              f"(report: {priors})")
+        if args.adapt_tie_prior:
+            probs, report = em_tie_prior(probs, train_tie)
+            said = f"by EM on {args.input}: {train_tie:.3f} (training) -> {report['tie_prior_estimated']:.3f} " \
+                   f"{report['reason']}"
+        else:
+            probs = with_tie_prior(probs, train_tie, args.tie_rate)
+            report = {"tie_prior_train": train_tie, "tie_prior_given": args.tie_rate, "rows": len(probs),
+                      "mean_tie": float(probs[:, 2].mean())}
+            said = f"of {args.input} as given: {train_tie:.3f} (training) -> {args.tie_rate:.3f}"
+        priors.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"tie prior {said} (report: {priors})")
     wall = time.time() - start
     out = submission_frame(frame["id"], probs)
     _write_table(out, Path(args.output))
