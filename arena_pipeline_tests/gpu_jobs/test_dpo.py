@@ -65,6 +65,31 @@ def test_calibration_recovers_known_davidson_parameters_and_sums_to_one():
     assert flat["scale"] < 0.06 and np.exp(flat["log_nu"]) / (2 + np.exp(flat["log_nu"])) == pytest.approx(0.2, abs=0.01)
 
 
+def test_calibration_reads_tie_free_rows_by_the_conditional_likelihood():
+    # half the rows come from a protocol that removed ties: their labels are drawn from P(y | not tie)
+    rng = np.random.default_rng(1)
+    m = rng.normal(0, 1.5, 20_000)
+    true = dpo.calibrated_probs(m, 1.2, 0.3)
+    free = np.arange(len(m)) % 2 == 0
+    draw = np.where(free[:, None], true * [1, 1, 0], true)
+    draw = draw / draw.sum(axis=1, keepdims=True)
+    y = np.eye(3)[[rng.choice(3, p=p) for p in draw]]
+    fit = dpo.fit_calibration(m, y, tie_free=free)
+    assert fit["scale"] == pytest.approx(1.2, abs=0.06) and fit["log_nu"] == pytest.approx(0.3, abs=0.06), fit
+    plain = dpo.fit_calibration(m, y)  # read as ordinary labels, the missing ties pull nu down
+    assert plain["log_nu"] < 0.3 - 0.4, plain
+    # the analytic gradient of the mixed objective matches a finite difference
+    from scipy.optimize import approx_fprime
+
+    def f(theta):
+        p = dpo.calibrated_probs(m, *theta)
+        cond = np.where(y[:, 0] == 1, p[:, 0], p[:, 1]) / (p[:, 0] + p[:, 1])
+        return -np.mean(np.where(free, np.log(cond), np.log((y * p).sum(axis=1))))
+    at = np.array([fit["scale"], fit["log_nu"]])
+    assert fit["nll"] == pytest.approx(f(at), rel=1e-9)
+    np.testing.assert_allclose(approx_fprime(at, f, 1e-6), 0, atol=1e-4)  # the optimum is interior
+
+
 def test_ties_are_left_out_of_the_loss_or_pulled_to_half_and_soft_targets_follow_the_same_rule():
     y = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.6, 0.2, 0.2]], dtype=np.float64)
     w = np.array([1.0, 2.0, 1.0, 1.0])
@@ -74,6 +99,10 @@ def test_ties_are_left_out_of_the_loss_or_pulled_to_half_and_soft_targets_follow
     t, weight = dpo.preference_targets(y, w, "half")
     np.testing.assert_allclose(t, [1, 0, 0.5, 0.7])
     np.testing.assert_allclose(weight, w)
+    # a row that could not be a tie drops a teacher's tie mass under either rule
+    t, weight = dpo.preference_targets(y, w, "half", tie_free=np.array([False, False, False, True]))
+    np.testing.assert_allclose(t, [1, 0, 0.5, 0.75])
+    np.testing.assert_allclose(weight, [1, 2, 1, 0.8])
 
 
 def test_calibration_slice_takes_whole_prompt_groups():

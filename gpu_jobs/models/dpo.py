@@ -80,43 +80,57 @@ def calibrated_probs(margins: np.ndarray, scale: float, log_nu: float) -> np.nda
     return softmax(logits, axis=1)
 
 
-def fit_calibration(margins: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> dict[str, float]:
+def fit_calibration(margins: np.ndarray, y: np.ndarray, w: np.ndarray | None = None,
+                    tie_free: np.ndarray | None = None) -> dict[str, float]:
     """Maximum-likelihood (s, log nu) of ``calibrated_probs`` for margins ``m`` and (n, 3) targets ``y``
-    (one-hot or soft; A, B, tie) with row weights ``w``; L-BFGS-B with the analytic gradient."""
+    (one-hot or soft; A, B, tie) with row weights ``w``; L-BFGS-B with the analytic gradient. Rows where
+    ``tie_free`` is True could not be labelled a tie (``gpu_jobs/contract/ties.py``): they enter by the
+    conditional likelihood P(y | not tie) = sigmoid(+-s m), which says nothing about log nu."""
     from scipy.optimize import minimize
 
     m = np.asarray(margins, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     w = np.ones(len(m)) if w is None else np.asarray(w, dtype=np.float64)
+    free = np.zeros(len(m), dtype=bool) if tie_free is None else np.asarray(tie_free, dtype=bool)
     if len(m) == 0 or w.sum() <= 0:
         raise ValueError("dpo calibration: no rows (with weight) to fit on")
     if not np.isfinite(m).all():
         raise ValueError(f"dpo calibration: {int((~np.isfinite(m)).sum())} margin(s) are not finite")
     w = w / w.sum()
+    decided = y[:, 0] + y[:, 1]
+    t_free = np.divide(y[:, 0], decided, out=np.full(len(m), 0.5), where=decided > 0)  # P(A | not tie) target
 
     def nll(theta):
         p = np.clip(calibrated_probs(m, theta[0], theta[1]), 1e-300, None)
         r = p - y  # d nll / d logit, per row (targets sum to 1)
-        grad = np.array([np.sum(w * (r[:, 0] - r[:, 1]) * m / 2), np.sum(w * r[:, 2])])
-        return -np.sum(w * (y * np.log(p)).sum(axis=1)), grad
+        g_scale = np.where(free, 2 * (p[:, 0] / (p[:, 0] + p[:, 1]) - t_free), r[:, 0] - r[:, 1]) * m / 2
+        g_nu = np.where(free, 0.0, r[:, 2])
+        log_cond = t_free * np.log(p[:, 0] / (p[:, 0] + p[:, 1])) + (1 - t_free) * np.log(p[:, 1] / (p[:, 0] + p[:, 1]))
+        row = np.where(free, log_cond, (y * np.log(p)).sum(axis=1))
+        return -np.sum(w * row), np.array([np.sum(w * g_scale), np.sum(w * g_nu)])
 
-    tie = float(np.clip(np.sum(w * y[:, 2]), 1e-3, 1 - 1e-3))
+    possible = ~free
+    tie = float(np.clip(np.sum(w[possible] * y[possible, 2]) / max(w[possible].sum(), 1e-300), 1e-3, 1 - 1e-3))
     start = np.array([1.0, np.clip(math.log(2 * tie / (1 - tie)), *LOG_NU_BOUNDS)])  # P(tie | m = 0) = tie rate
     res = minimize(nll, start, jac=True, method="L-BFGS-B", bounds=[SCALE_BOUNDS, LOG_NU_BOUNDS],
                    options={"maxiter": 500, "ftol": 1e-12, "gtol": 1e-9})
     return {"scale": float(res.x[0]), "log_nu": float(res.x[1]), "nll": float(res.fun), "n": int(len(m))}
 
 
-def preference_targets(y: np.ndarray, w: np.ndarray, ties: str) -> tuple[np.ndarray, np.ndarray]:
-    """(t, weight) of the DPO loss per row: t = P(A preferred to B), see the module docstring."""
+def preference_targets(y: np.ndarray, w: np.ndarray, ties: str,
+                       tie_free: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(t, weight) of the DPO loss per row: t = P(A preferred to B), see the module docstring. Rows where
+    ``tie_free`` is True follow the ``drop`` rule under either setting: a tie they could not have had (a
+    teacher's tie mass on them) is no evidence for an even margin."""
     y, w = np.asarray(y, dtype=np.float64), np.asarray(w, dtype=np.float64)
+    if ties not in ("drop", "half"):
+        raise ValueError(f"dpo.ties: expected 'drop' or 'half', got {ties!r}")
+    decided = y[:, 0] + y[:, 1]
+    drop_t = np.divide(y[:, 0], decided, out=np.full(len(y), 0.5), where=decided > 0)
     if ties == "drop":
-        decided = y[:, 0] + y[:, 1]
-        t = np.divide(y[:, 0], decided, out=np.full(len(y), 0.5), where=decided > 0)
-        return t, w * decided
-    if ties == "half":
-        return y[:, 0] + y[:, 2] / 2, w
-    raise ValueError(f"dpo.ties: expected 'drop' or 'half', got {ties!r}")
+        return drop_t, w * decided
+    free = np.zeros(len(y), dtype=bool) if tie_free is None else np.asarray(tie_free, dtype=bool)
+    return np.where(free, drop_t, y[:, 0] + y[:, 2] / 2), np.where(free, w * decided, w)
 
 
 def calibration_split(frame: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:
@@ -305,7 +319,8 @@ class DPOFamily:
         max_chars = _max_chars(cfg, t.max_length)
 
         calib = calibration_split(train_df, d.calibration_fraction, cfg.seed)
-        target, weight = preference_targets(y, w, d.ties)
+        tie_free = ~D.ties_possible(train_df, "the training rows")
+        target, weight = preference_targets(y, w, d.ties, tie_free)
         use = ~calib & (weight > 0)
         if not use.any():
             raise ValueError(f"{cfg.name}: no training row is left for the DPO loss ({int(calib.sum())} rows in the "
@@ -426,13 +441,13 @@ class DPOFamily:
 
         # calibration on the slice the loss never saw (or on the training rows when the fraction is 0)
         calib_df = train_df[calib].reset_index(drop=True) if calib.any() else train_df
-        calib_y, calib_w = (y[calib], w[calib]) if calib.any() else (y, w)
+        calib_y, calib_w, calib_free = (y[calib], w[calib], tie_free[calib]) if calib.any() else (y, w, tie_free)
         cal_a, cal_b = frame_conversations(calib_df)
         scores = score_conversations(model, tokenizer, cal_a + cal_b, cfg.inference.max_length,
                                      _max_chars(cfg, cfg.inference.max_length), cfg.inference.batch_size, device,
                                      accelerator.autocast, accelerator, progress=accelerator.is_local_main_process)
         m = margins_of(scores, cal_a, cal_b, d.beta)
-        calibration = {**fit_calibration(m, calib_y, calib_w), "beta": d.beta,
+        calibration = {**fit_calibration(m, calib_y, calib_w, calib_free), "beta": d.beta,
                        "fitted_on": "calibration_slice" if calib.any() else "training_rows"}
         side = np.sign(np.asarray(calib_y)[:, 0] - np.asarray(calib_y)[:, 1])
         decided, agree = side != 0, m * side > 0  # a zero margin points at neither side
