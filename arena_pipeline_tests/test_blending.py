@@ -192,6 +192,25 @@ def test_tie_bias_on_dirichlet_truth_and_identity_tta():
     assert w["good"] > 0.8
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_powell_weights_reach_the_constrained_optimum(seed):
+    """The blend's log loss is convex in the weights, so the constrained optimum (SLSQP on the simplex) is the
+    answer; unbounded raw weights let Powell stall at a corner on some CPUs (seeds 0, 1, 4 on a Xeon)."""
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, size=600)
+    members = {k: 0.5 * np.eye(3)[y] + 0.5 * rng.dirichlet(np.ones(3) * 2, size=600) for k in ("a", "b")}
+    members["noise"] = rng.dirichlet(np.ones(3) * 0.5, size=600)
+    stack = np.stack(list(members.values()))
+    blend_loss = lambda w: ens.log_loss(y, np.tensordot(w, stack, axes=1))  # noqa: E731
+    best = minimize(blend_loss, np.full(3, 1 / 3), method="SLSQP", bounds=[(0, 1)] * 3,
+                    constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}], options={"ftol": 1e-12})
+    weights = ens.fit_weights(members, y)
+    assert blend_loss(np.array(list(weights.values()))) <= best.fun + 1e-5
+    np.testing.assert_allclose(list(weights.values()), best.x, atol=0.01)
+
+
 def test_fit_weights_drops_negligible_members_to_exactly_zero():
     """A useless member gets weight 0, not Powell's ~1e-16 (seed 1 here, without the pruning): every weight > 0
     makes that member run downstream (pseudo labels, bundle)."""
