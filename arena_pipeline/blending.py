@@ -7,7 +7,7 @@ these functions.
   ``gpu_jobs.contract.metrics``, the one implementation both packages use).
 - ``fit_weights``: non-negative weights, summing to 1, minimising the log loss of the weighted average of
   the members' probabilities. ``method="powell"`` is the reference recipe (scipy Powell on the weights,
-  absolute value, normalised); ``method="optuna"`` a TPE search over the same simplex. Either way the
+  each bounded to [0, 1], normalised); ``method="optuna"`` a TPE search over the same simplex. Either way the
   result is never worse in sample than the uniform blend or any single member (they are candidates too).
 - ``fit_temperature`` / ``apply_temperature``: one temperature on the log-probabilities (T > 1 softens).
 - ``fit_tie_bias`` / ``apply_tie_bias``: an additive log-odds bias on the tie class (a tie prior shift).
