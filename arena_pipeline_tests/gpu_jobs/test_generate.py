@@ -172,8 +172,10 @@ def test_vllm_backend_generates_every_turn(prompts_file, tmp_path):
             pytest.fail(message + " (CI must build the vLLM venv before the tests)")
         pytest.skip(message)
     out = tmp_path / "completions.parquet"
+    # eager mode: the profiles' compiled path runs in test_rehearsal_pipeline (its generation step); this one
+    # covers the flag and skips torch.compile's warm-up
     cmd = [str(VLLM_PYTHON), "-m", "gpu_jobs.generate", "--backend", "vllm", "--prompts", str(prompts_file),
-           "--output", str(out), *COMMON]
+           "--output", str(out), "--enforce-eager", *COMMON]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, f"vLLM generation failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert_completions(prompts_file, out, "vllm")
