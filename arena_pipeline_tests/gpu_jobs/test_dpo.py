@@ -237,6 +237,7 @@ def test_swapping_a_and_b_permutes_the_probabilities_exactly_and_survives_save_l
 def test_train_job_writes_oof_and_metrics_without_training_on_ties_or_the_calibration_slice(tmp_path):
     frame = rows(20, seed=5)
     frame.loc[frame.index[:3], D.WINNER_COLUMNS] = [0, 0, 1]  # a few ties, whatever the sample holds
+    frame["ties_possible"] = frame.winner_tie == 1  # every decided row from a protocol without ties (contract.ties)
     stop = tmp_path / "stop"  # HPO pruning's stop file, there from the start: one step, then calibrate and predict
     stop.touch()
     out, metrics = run_train_job(CONFIG, frame, tmp_path, 0, TINY + [
