@@ -97,15 +97,15 @@ def fit_calibration(margins: np.ndarray, y: np.ndarray, w: np.ndarray | None = N
     if not np.isfinite(m).all():
         raise ValueError(f"dpo calibration: {int((~np.isfinite(m)).sum())} margin(s) are not finite")
     w = w / w.sum()
-    decided = y[:, 0] + y[:, 1]
-    t_free = np.divide(y[:, 0], decided, out=np.full(len(m), 0.5), where=decided > 0)  # P(A | not tie) target
+    t_free = preference_targets(y, np.ones(len(m)), "drop")[0]  # the P(A | not tie) target
 
     def nll(theta):
         p = np.clip(calibrated_probs(m, theta[0], theta[1]), 1e-300, None)
         r = p - y  # d nll / d logit, per row (targets sum to 1)
-        g_scale = np.where(free, 2 * (p[:, 0] / (p[:, 0] + p[:, 1]) - t_free), r[:, 0] - r[:, 1]) * m / 2
+        p_a = p[:, 0] / (p[:, 0] + p[:, 1])  # P(A | not tie) = sigmoid(s m)
+        g_scale = np.where(free, 2 * (p_a - t_free), r[:, 0] - r[:, 1]) * m / 2
         g_nu = np.where(free, 0.0, r[:, 2])
-        log_cond = t_free * np.log(p[:, 0] / (p[:, 0] + p[:, 1])) + (1 - t_free) * np.log(p[:, 1] / (p[:, 0] + p[:, 1]))
+        log_cond = t_free * np.log(p_a) + (1 - t_free) * np.log(np.clip(1 - p_a, 1e-300, None))
         row = np.where(free, log_cond, (y * np.log(p)).sum(axis=1))
         return -np.sum(w * row), np.array([np.sum(w * g_scale), np.sum(w * g_nu)])
 
