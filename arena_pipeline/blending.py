@@ -91,8 +91,8 @@ def fit_weights(
     simplex by normalisation (the reference recipe), each raw weight bounded to [0, 1]: the loss does not change
     along the raw weights' scale, and unbounded they ran off along it (to ~1e14) until Powell stalled at a
     corner — on an AVX-512 Xeon it returned one of two equally good members alone on 3 of 6 seeds.
-    ``optuna``: TPE over [0, 1] per member (normalised), seeded, with the uniform blend as the first trial. The uniform blend and each
-    single member are candidates too, so the result is never worse in sample than any of them. Weights
+    ``optuna``: TPE over [0, 1] per member (normalised), seeded, with the uniform blend as the first trial.
+    The uniform blend and each single member are candidates too, so the result is never worse in sample than any of them. Weights
     below ``MIN_WEIGHT`` are set to exactly 0 when that changes the in-sample loss by at most 1e-6.
     """
     names, stack = _members(member_probs)

@@ -61,6 +61,7 @@ import numpy as np
 import pandas as pd
 
 from gpu_jobs.config import DPOConfig
+from gpu_jobs.contract.ties import without_tie
 
 FAMILY_NAME = "dpo"
 CALIBRATION_FILE = "dpo_calibration.json"
@@ -97,17 +98,15 @@ def fit_calibration(margins: np.ndarray, y: np.ndarray, w: np.ndarray | None = N
     if not np.isfinite(m).all():
         raise ValueError(f"dpo calibration: {int((~np.isfinite(m)).sum())} margin(s) are not finite")
     w = w / w.sum()
-    t_free = preference_targets(y, np.ones(len(m)), "drop")[0]  # the P(A | not tie) target
+    y_cond = without_tie(y, free)  # a tie-free row's target: A : B of its label, no tie
 
     def nll(theta):
-        p = np.clip(calibrated_probs(m, theta[0], theta[1]), 1e-300, None)
-        r = p - y  # d nll / d logit, per row (targets sum to 1)
-        p_a = p[:, 0] / (p[:, 0] + p[:, 1])  # P(A | not tie) = sigmoid(s m)
-        g_scale = np.where(free, 2 * (p_a - t_free), r[:, 0] - r[:, 1]) * m / 2
-        g_nu = np.where(free, 0.0, r[:, 2])
-        log_cond = t_free * np.log(p_a) + (1 - t_free) * np.log(np.clip(1 - p_a, 1e-300, None))
-        row = np.where(free, log_cond, (y * np.log(p)).sum(axis=1))
-        return -np.sum(w * row), np.array([np.sum(w * g_scale), np.sum(w * g_nu)])
+        # tie-free rows are scored by P(y | not tie): without_tie renormalises their A : B (sigmoid(s m)) and
+        # zeroes the tie, so d nll / d logit = q - y_cond there as on the other rows, with no tie component
+        q = without_tie(np.clip(calibrated_probs(m, theta[0], theta[1]), 1e-300, None), free)
+        r = q - y_cond
+        grad = np.array([np.sum(w * (r[:, 0] - r[:, 1]) * m / 2), np.sum(w * r[:, 2])])
+        return -np.sum(w * (y_cond * np.log(np.clip(q, 1e-300, None))).sum(axis=1)), grad
 
     possible = ~free
     tie = float(np.clip(np.sum(w[possible] * y[possible, 2]) / max(w[possible].sum(), 1e-300), 1e-3, 1 - 1e-3))
